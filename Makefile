@@ -1,0 +1,71 @@
+# skyapi: `make run` to try it, `make test` to test it. Both install what is
+# missing first (Debian packages: etcd-server, etcd-client, protobuf-compiler).
+
+SHELL := /bin/bash
+CARGO ?= cargo
+ETCD_PORT ?= 2379
+LISTEN ?= :8053
+RUN_DIR := target/run
+APT_PKGS := etcd-server etcd-client protobuf-compiler
+
+.PHONY: all deps build release run test lint check clean-run
+
+all: build
+
+# Installs the Debian packages the build and the tests need, if missing.
+deps:
+	@missing=""; \
+	command -v etcd >/dev/null 2>&1 || missing="$$missing etcd-server"; \
+	command -v etcdctl >/dev/null 2>&1 || missing="$$missing etcd-client"; \
+	command -v protoc >/dev/null 2>&1 || missing="$$missing protobuf-compiler"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	  $$sudo apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing >/dev/null || exit 1; \
+	fi
+	@command -v $(CARGO) >/dev/null 2>&1 || { echo "cargo not found: install Rust with rustup (https://rustup.rs)"; exit 1; }
+
+build: deps
+	$(CARGO) build
+
+release: deps
+	$(CARGO) build --release
+
+# Starts a throwaway etcd on 127.0.0.1:$(ETCD_PORT) (data under $(RUN_DIR)),
+# or uses the one already answering there, then skyapi on $(LISTEN).
+# Ctrl-C stops both.
+run: release
+	@mkdir -p $(RUN_DIR); \
+	etcd_pid=""; \
+	if ETCDCTL_API=3 etcdctl --endpoints=127.0.0.1:$(ETCD_PORT) --command-timeout=1s endpoint health >/dev/null 2>&1; then \
+	  echo "using the etcd already answering on 127.0.0.1:$(ETCD_PORT)"; \
+	else \
+	  echo "starting a throwaway etcd on 127.0.0.1:$(ETCD_PORT) (data in $(RUN_DIR)/etcd, log in $(RUN_DIR)/etcd.log)"; \
+	  rm -rf $(RUN_DIR)/etcd; \
+	  etcd --name skyapi-run --data-dir $(RUN_DIR)/etcd \
+	    --listen-client-urls http://127.0.0.1:$(ETCD_PORT) --advertise-client-urls http://127.0.0.1:$(ETCD_PORT) \
+	    --listen-peer-urls http://127.0.0.1:$$(( $(ETCD_PORT) + 1 )) \
+	    --initial-advertise-peer-urls http://127.0.0.1:$$(( $(ETCD_PORT) + 1 )) \
+	    --initial-cluster skyapi-run=http://127.0.0.1:$$(( $(ETCD_PORT) + 1 )) >$(RUN_DIR)/etcd.log 2>&1 & \
+	  etcd_pid=$$!; \
+	  for i in $$(seq 50); do \
+	    ETCDCTL_API=3 etcdctl --endpoints=127.0.0.1:$(ETCD_PORT) --command-timeout=1s endpoint health >/dev/null 2>&1 && break; \
+	    sleep 0.2; \
+	  done; \
+	fi; \
+	trap '[ -n "$$etcd_pid" ] && kill $$etcd_pid 2>/dev/null; wait' EXIT INT TERM; \
+	echo "skyapi on $(LISTEN); try: websocat 'ws://127.0.0.1:8053/provide?service=foo&port=9999'"; \
+	./target/release/skyapi --listen-addr $(LISTEN) --etcd-api http://127.0.0.1:$(ETCD_PORT) $(ARGS)
+
+test: deps
+	$(CARGO) test --all-targets
+
+lint: deps
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+check: lint test
+
+clean-run:
+	rm -rf $(RUN_DIR)

@@ -1,0 +1,375 @@
+//! One connection, on its own OS thread: read the request head, serve a plain
+//! HTTP endpoint or upgrade `/provide` to a websocket, then hold the
+//! registration while the client stays alive.
+//!
+//! Invariants:
+//! - the registration is released by a drop guard, so every way out of the
+//!   thread (close, ping timeout, error, shutdown, panic) removes the entry;
+//! - every blocking read has a deadline: the read timeout is always the time
+//!   to the next ping or to the liveness deadline, whichever is sooner;
+//! - a client is dropped once nothing at all (no pong, no frame) has arrived
+//!   for `--timeout`; pings go out every `--timeout`/3, so a live client
+//!   gets at least two chances to answer;
+//! - what a peer sends is bounded: the head by `http::MAX_HEAD`, frames and
+//!   messages by `MAX_MESSAGE`, the message rate by a token bucket.
+
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tungstenite::{Message, WebSocket};
+
+use crate::http::{self, Head, HeadError};
+use crate::provide::{self, Entry};
+use crate::server::Shared;
+use crate::worker::{Ack, ConnId};
+
+/// A request head must be complete within this (slowloris).
+pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
+/// Largest frame or message a client may send; a registrar needs none.
+pub const MAX_MESSAGE: usize = 4 * 1024;
+/// A blocked write (a client that reads nothing) fails after this.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a new connection blocks waiting for its entry to be stored
+/// before it goes on to serve the socket (etcd slow or down).
+const ACK_FIRST_WAIT: Duration = Duration::from_secs(1);
+/// How often a connection waiting for etcd checks for the acknowledgement.
+const ACK_POLL: Duration = Duration::from_millis(50);
+/// Message rate a client may sustain (messages per second), and its burst.
+const MSG_RATE: f64 = 20.0;
+const MSG_BURST: f64 = 100.0;
+
+/// Small buffers and caps: tungstenite's defaults (128 KiB buffers, 64 MiB
+/// messages) are for data streams, not for ten thousand idle registrations.
+pub fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(16 * 1024)
+        .max_message_size(Some(MAX_MESSAGE))
+        .max_frame_size(Some(MAX_MESSAGE))
+}
+
+/// The stream shared between the connection thread and the shutdown path,
+/// which shuts its read half to wake a blocked read.
+pub struct SharedStream(pub Arc<TcpStream>);
+
+impl Read for SharedStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*self.0).read(buf)
+    }
+}
+
+impl Write for SharedStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&*self.0).write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        (&*self.0).flush()
+    }
+}
+
+/// Why a registration ended, for logs (and the removal reason).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    Closed,
+    PingTimeout,
+    Error,
+    Shutdown,
+}
+
+impl Ending {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ending::Closed => "close",
+            Ending::PingTimeout => "ping timeout",
+            Ending::Error => "error",
+            Ending::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Serves one accepted connection to its end.
+pub fn serve(shared: &Arc<Shared>, id: ConnId, stream: Arc<TcpStream>, peer: SocketAddr) {
+    // Best effort: a socket that cannot take a timeout is already broken and
+    // its first write will say so.
+    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+    let head = match http::read_head(&stream, Instant::now() + HANDSHAKE_DEADLINE) {
+        Ok(h) => h,
+        Err(HeadError::Gone) => return,
+        Err(HeadError::TimedOut) => {
+            debug!("{peer}: request head not complete within {HANDSHAKE_DEADLINE:?}: dropped");
+            return;
+        }
+        Err(HeadError::TooLarge) => return plain(&stream, 431, "request head too large"),
+        Err(HeadError::Malformed(why)) => {
+            return plain(&stream, 400, &format!("malformed request: {why}"))
+        }
+    };
+    match head.path.as_str() {
+        "/provide" => provide(shared, id, stream, peer, head),
+        _ => crate::endpoints::serve(shared, &stream, &head),
+    }
+}
+
+/// A one-line plain response; the connection ends after it.
+pub fn plain(stream: &TcpStream, status: u16, line: &str) {
+    // The peer may already be gone; there is nobody left to tell.
+    let _ = http::respond_text(stream, status, line);
+}
+
+/// Unmaps `::ffff:a.b.c.d` so IPv4 clients on a dual-stack socket are
+/// registered as plain IPv4.
+pub fn peer_ip(peer: &SocketAddr) -> IpAddr {
+    match peer.ip() {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+/// Removes the registration from etcd (through the worker) when dropped.
+struct Registered<'a> {
+    shared: &'a Shared,
+    conn: ConnId,
+    key: String,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.shared.worker.unregister(self.conn, &self.key);
+    }
+}
+
+fn provide(shared: &Arc<Shared>, id: ConnId, stream: Arc<TcpStream>, peer: SocketAddr, head: Head) {
+    if let Err((status, why)) = http::accept_websocket(&stream, &head) {
+        if status == 426 {
+            // RFC 6455 4.4: tell the client which version we speak.
+            let _ = http::respond(
+                &stream,
+                426,
+                "text/plain; charset=utf-8",
+                &[("Sec-WebSocket-Version", "13")],
+                &format!("{why}\n"),
+            );
+        } else if status != 0 {
+            plain(&stream, status, &why);
+        }
+        return;
+    }
+    let mut ws = WebSocket::from_partially_read(
+        SharedStream(stream.clone()),
+        head.rest,
+        Role::Server,
+        Some(ws_config()),
+    );
+    let registration = match provide::parse(&head.query, peer_ip(&peer), &shared.layout) {
+        Ok(r) => r,
+        Err(refusal) => {
+            info!("{peer}: refused /provide: {refusal}");
+            refuse(&mut ws, &stream, &format!("{refusal}"));
+            return;
+        }
+    };
+    let entry = registration.entry(&shared.layout);
+    info!(
+        "connect service={} id={} peer={peer} key={}",
+        registration.service, entry.id, entry.key
+    );
+    let ack = shared.worker.register(id, &entry.key, &entry.value);
+    let _registered = Registered {
+        shared,
+        conn: id,
+        key: entry.key.clone(),
+    };
+    let ending = hold(shared, &mut ws, &stream, &entry, ack);
+    info!(
+        "close service={} id={} peer={peer} reason={}",
+        registration.service,
+        entry.id,
+        ending.as_str()
+    );
+}
+
+/// Sends `ERROR: <reason>` and a 1008 close, then waits briefly for the
+/// client's close so the frames are not lost to a reset.
+fn refuse(ws: &mut WebSocket<SharedStream>, stream: &TcpStream, reason: &str) {
+    let _ = ws.send(Message::Text(format!("ERROR: {reason}").into()));
+    close(ws, CloseCode::Policy, reason);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    // Drain until the client answers the close or the second passes; any
+    // error here means the connection is finished, which is the goal.
+    while ws.read().is_ok() {}
+}
+
+fn close(ws: &mut WebSocket<SharedStream>, code: CloseCode, reason: &str) {
+    // A close reason must fit a control frame (125 bytes with the code).
+    let mut end = reason.len().min(120);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let frame = CloseFrame {
+        code,
+        reason: reason[..end].to_string().into(),
+    };
+    // Errors mean the peer is gone already; the caller ends the connection.
+    let _ = ws.close(Some(frame));
+    let _ = ws.flush();
+}
+
+/// The liveness loop: pings, reads (and discards) client frames, tells the
+/// client once its entry is stored, and returns why it ended.
+fn hold(
+    shared: &Shared,
+    ws: &mut WebSocket<SharedStream>,
+    stream: &TcpStream,
+    entry: &Entry,
+    ack: Receiver<Ack>,
+) -> Ending {
+    let timeout = shared.timeout;
+    let ping_every = timeout / 3;
+    let mut last_heard = Instant::now();
+    let mut next_ping = last_heard + ping_every;
+    let mut acked = false;
+    let mut first_wait = true;
+    let mut current_timeout = None;
+    let mut tokens = MSG_BURST;
+    let mut last_refill = Instant::now();
+
+    loop {
+        if shared.is_shutting_down() {
+            close(ws, CloseCode::Away, "skyapi shutting down");
+            return Ending::Shutdown;
+        }
+        if !acked {
+            // The first wait blocks: with etcd up the answer comes in about a
+            // millisecond, and polling would add its period to every
+            // registration. After that, poll between socket reads.
+            let answer = if first_wait {
+                first_wait = false;
+                ack.recv_timeout(ACK_FIRST_WAIT.min(ping_every))
+                    .map_err(|e| match e {
+                        RecvTimeoutError::Timeout => TryRecvError::Empty,
+                        RecvTimeoutError::Disconnected => TryRecvError::Disconnected,
+                    })
+            } else {
+                ack.try_recv()
+            };
+            match answer {
+                Ok(Ok(())) => {
+                    acked = true;
+                    let welcome = serde_json::json!({
+                        "name": entry.name,
+                        "key": entry.key,
+                        "id": entry.id,
+                        "value": serde_json::from_str::<serde_json::Value>(&entry.value).unwrap_or_default(),
+                    });
+                    if ws.send(Message::Text(welcome.to_string().into())).is_err() {
+                        return Ending::Error;
+                    }
+                    info!("registered {} ({})", entry.name, entry.key);
+                }
+                Ok(Err(why)) => {
+                    close(ws, CloseCode::Away, &why);
+                    return Ending::Shutdown;
+                }
+                Err(TryRecvError::Empty) => {}
+                Err(TryRecvError::Disconnected) => {
+                    close(ws, CloseCode::Away, "skyapi shutting down");
+                    return Ending::Shutdown;
+                }
+            }
+        }
+
+        let now = Instant::now();
+        let dead_at = last_heard + timeout;
+        if now >= dead_at {
+            warn!(
+                "{}: no answer for {}s: dropping it",
+                entry.key,
+                timeout.as_secs()
+            );
+            return Ending::PingTimeout;
+        }
+        if now >= next_ping {
+            if let Err(e) = ws.send(Message::Ping(Default::default())) {
+                debug!("{}: ping failed: {e}", entry.key);
+                return Ending::Error;
+            }
+            next_ping = now + ping_every;
+        }
+
+        let mut wait = next_ping.min(dead_at).saturating_duration_since(now);
+        if !acked {
+            wait = wait.min(ACK_POLL);
+        }
+        let wait = wait.max(Duration::from_millis(1));
+        if current_timeout != Some(wait) {
+            if stream.set_read_timeout(Some(wait)).is_err() {
+                return Ending::Error;
+            }
+            current_timeout = Some(wait);
+        }
+
+        match ws.read() {
+            Ok(msg) => {
+                last_heard = Instant::now();
+                match msg {
+                    Message::Close(_) => {
+                        // tungstenite queued the close reply; send it.
+                        let _ = ws.flush();
+                        return Ending::Closed;
+                    }
+                    Message::Text(_) | Message::Binary(_) => {
+                        let elapsed = last_heard.duration_since(last_refill).as_secs_f64();
+                        last_refill = last_heard;
+                        tokens = (tokens + elapsed * MSG_RATE).min(MSG_BURST) - 1.0;
+                        if tokens < 0.0 {
+                            warn!("{}: client floods messages: closing", entry.key);
+                            close(ws, CloseCode::Policy, "too many messages");
+                            return Ending::Error;
+                        }
+                    }
+                    // Pongs prove liveness; tungstenite answers pings itself.
+                    _ => {}
+                }
+            }
+            Err(tungstenite::Error::Io(e)) if http::is_timeout(&e) => {}
+            Err(e) => {
+                if shared.is_shutting_down() {
+                    close(ws, CloseCode::Away, "skyapi shutting down");
+                    return Ending::Shutdown;
+                }
+                return match e {
+                    tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
+                        Ending::Closed
+                    }
+                    tungstenite::Error::Capacity(c) => {
+                        warn!("{}: {c}: closing", entry.key);
+                        close(ws, CloseCode::Size, "message too big");
+                        Ending::Error
+                    }
+                    tungstenite::Error::Protocol(
+                        tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+                    ) => Ending::Closed,
+                    tungstenite::Error::Protocol(p) => {
+                        info!("{}: protocol error: {p}: closing", entry.key);
+                        close(ws, CloseCode::Protocol, "protocol error");
+                        Ending::Error
+                    }
+                    other => {
+                        debug!("{}: {other}", entry.key);
+                        Ending::Error
+                    }
+                };
+            }
+        }
+    }
+}

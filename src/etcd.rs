@@ -1,0 +1,220 @@
+//! `Store` on a real etcd v3, through etcd-client.
+//!
+//! etcd-client is async and needs a Tokio reactor (it panics under
+//! `pollster::block_on`), so this store owns a current-thread Tokio runtime
+//! and blocks on one request at a time. It lives on the etcd worker thread
+//! and is the only async code in the program.
+//!
+//! Invariants: every call returns within `REQUEST_TIMEOUT` (plus connect
+//! time), so a hung etcd never freezes the worker; the client is created
+//! lazily and rebuilt after failures, and the keepalive stream (which
+//! etcd-client neither times nor rebuilds) is rebuilt on its next use.
+
+use std::future::Future;
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaseKeepAliveStream, LeaseKeeper,
+    PutOptions, Txn, TxnOp,
+};
+use tokio::runtime::Runtime;
+use tonic::Code;
+
+use crate::error::StoreError;
+use crate::worker::{Store, StoredKv};
+
+/// Bound on one etcd request. Short, so queued work is retried promptly
+/// after etcd comes back; long enough for a loaded etcd to answer.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_millis(1500);
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
+
+pub struct EtcdStore {
+    rt: Runtime,
+    endpoints: Vec<String>,
+    client: Option<Client>,
+    keeper: Option<(i64, LeaseKeeper, LeaseKeepAliveStream)>,
+}
+
+impl EtcdStore {
+    pub fn new(endpoints: Vec<String>) -> std::io::Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        Ok(EtcdStore {
+            rt,
+            endpoints,
+            client: None,
+            keeper: None,
+        })
+    }
+
+    /// Runs one etcd call against the (possibly new) client, bounded in time;
+    /// drops the client after transport failures so the next call reconnects.
+    fn call<T, F, Fut>(&mut self, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let client = self.client()?;
+        let result = self
+            .rt
+            .block_on(async { tokio::time::timeout(REQUEST_TIMEOUT, f(client)).await });
+        match result {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.classify(e)),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "no answer within {} ms",
+                REQUEST_TIMEOUT.as_millis()
+            ))),
+        }
+    }
+
+    fn client(&mut self) -> Result<Client, StoreError> {
+        if let Some(c) = &self.client {
+            return Ok(c.clone());
+        }
+        let options = ConnectOptions::new()
+            .with_connect_timeout(CONNECT_TIMEOUT)
+            .with_timeout(REQUEST_TIMEOUT);
+        let endpoints = self.endpoints.clone();
+        let connected = self.rt.block_on(async {
+            tokio::time::timeout(
+                CONNECT_TIMEOUT + REQUEST_TIMEOUT,
+                Client::connect(endpoints, Some(options)),
+            )
+            .await
+        });
+        match connected {
+            Ok(Ok(c)) => {
+                self.client = Some(c.clone());
+                Ok(c)
+            }
+            Ok(Err(e)) => Err(StoreError::Unavailable(format!("connect: {e}"))),
+            Err(_) => Err(StoreError::Unavailable("connect timed out".into())),
+        }
+    }
+
+    fn classify(&mut self, e: etcd_client::Error) -> StoreError {
+        use etcd_client::Error as E;
+        match e {
+            E::GRpcStatus(status) => {
+                let msg = status.message().to_string();
+                if msg.contains("lease not found") {
+                    return StoreError::LeaseNotFound;
+                }
+                match status.code() {
+                    Code::InvalidArgument
+                    | Code::PermissionDenied
+                    | Code::FailedPrecondition
+                    | Code::OutOfRange => StoreError::Rejected(msg),
+                    _ => {
+                        self.keeper = None;
+                        StoreError::Unavailable(msg)
+                    }
+                }
+            }
+            E::LeaseKeepAliveError(msg) if msg.contains("lease not found") => {
+                StoreError::LeaseNotFound
+            }
+            other => {
+                self.keeper = None;
+                StoreError::Unavailable(other.to_string())
+            }
+        }
+    }
+}
+
+impl Store for EtcdStore {
+    fn grant(&mut self, ttl_secs: i64) -> Result<i64, StoreError> {
+        self.call(|mut c| async move { c.lease_grant(ttl_secs, None).await })
+            .map(|r| r.id())
+    }
+
+    fn keep_alive(&mut self, lease: i64) -> Result<(), StoreError> {
+        if self.keeper.as_ref().is_some_and(|(id, _, _)| *id != lease) {
+            self.keeper = None;
+        }
+        match self.keeper.take() {
+            Some((id, mut keeper, mut stream)) => {
+                let answer = self.call(|_| async {
+                    keeper.keep_alive().await?;
+                    stream.message().await
+                })?;
+                match answer {
+                    Some(r) if r.ttl() > 0 => {
+                        self.keeper = Some((id, keeper, stream));
+                        Ok(())
+                    }
+                    Some(_) => Err(StoreError::LeaseNotFound),
+                    // etcd ended the stream; the next call reopens it.
+                    None => Err(StoreError::Unavailable("keepalive stream closed".into())),
+                }
+            }
+            None => {
+                // Opening the stream sends the first keepalive and reads its
+                // answer; a dead lease comes back as an error.
+                let (keeper, stream) =
+                    self.call(|mut c| async move { c.lease_keep_alive(lease).await })?;
+                self.keeper = Some((lease, keeper, stream));
+                Ok(())
+            }
+        }
+    }
+
+    fn revoke(&mut self, lease: i64) -> Result<(), StoreError> {
+        self.keeper = None;
+        match self.call(|mut c| async move { c.lease_revoke(lease).await }) {
+            Err(StoreError::LeaseNotFound) => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+
+    fn put(&mut self, kvs: &[(String, String)], lease: i64) -> Result<(), StoreError> {
+        let ops: Vec<TxnOp> = kvs
+            .iter()
+            .map(|(k, v)| {
+                TxnOp::put(
+                    k.as_str(),
+                    v.as_str(),
+                    Some(PutOptions::new().with_lease(lease)),
+                )
+            })
+            .collect();
+        self.call(|mut c| async move { c.txn(Txn::new().and_then(ops)).await })
+            .map(|_| ())
+    }
+
+    fn delete_owned(&mut self, keys: &[String], lease: i64) -> Result<(), StoreError> {
+        // One outer transaction of nested ones, each deleting its key only if
+        // the key is still attached to our lease.
+        let ops: Vec<TxnOp> = keys
+            .iter()
+            .map(|k| {
+                TxnOp::txn(
+                    Txn::new()
+                        .when([Compare::lease(k.as_str(), CompareOp::Equal, lease)])
+                        .and_then([TxnOp::delete(k.as_str(), None)]),
+                )
+            })
+            .collect();
+        self.call(|mut c| async move { c.txn(Txn::new().and_then(ops)).await })
+            .map(|_| ())
+    }
+
+    fn list(&mut self, dir: &str) -> Result<Vec<StoredKv>, StoreError> {
+        let dir = dir.to_string();
+        let resp = self.call(|mut c| async move {
+            c.get(dir.as_str(), Some(GetOptions::new().with_prefix()))
+                .await
+        })?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .map(|kv| StoredKv {
+                key: String::from_utf8_lossy(kv.key()).into_owned(),
+                value: String::from_utf8_lossy(kv.value()).into_owned(),
+                lease: kv.lease(),
+            })
+            .collect())
+    }
+}

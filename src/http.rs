@@ -1,0 +1,201 @@
+//! The HTTP side of a connection: reading one request head under a size cap
+//! and a deadline, routing it, and writing plain responses.
+//!
+//! Every connection starts here, websocket or not, so the limits are the
+//! same for all paths: a head larger than `MAX_HEAD` gets 431, a head not
+//! complete within the handshake deadline is dropped (slowloris), and a
+//! malformed one gets 400. Plain responses always close the connection.
+//!
+//! The websocket upgrade itself is answered here too (101 with the accept
+//! key from tungstenite), because the head has already been read: handing
+//! the socket to `tungstenite::accept_hdr` would mean parsing it twice.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::time::Instant;
+
+/// Largest request head (request line and headers) we read.
+pub const MAX_HEAD: usize = 8 * 1024;
+/// Most headers in one request.
+const MAX_HEADERS: usize = 32;
+
+/// A parsed request head.
+#[derive(Debug)]
+pub struct Head {
+    pub method: String,
+    pub path: String,
+    /// The raw query string, without `?`; empty when there is none.
+    pub query: String,
+    /// Header names lower-cased, values as sent (lossy UTF-8).
+    pub headers: Vec<(String, String)>,
+    /// Bytes after the head (a client may send its first frame at once).
+    pub rest: Vec<u8>,
+}
+
+impl Head {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// True when some comma-separated token of header `name` equals `token`,
+    /// ignoring case (`Connection: keep-alive, Upgrade`).
+    pub fn has_token(&self, name: &str, token: &str) -> bool {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n == name)
+            .flat_map(|(_, v)| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    }
+}
+
+/// Why no request head could be read.
+#[derive(Debug)]
+pub enum HeadError {
+    /// The peer closed or sent nothing before the deadline: nothing to answer.
+    Gone,
+    TimedOut,
+    TooLarge,
+    Malformed(String),
+}
+
+/// Reads one request head from `stream`, failing at `deadline`.
+pub fn read_head(stream: &TcpStream, deadline: Instant) -> Result<Head, HeadError> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(HeadError::TimedOut);
+        }
+        stream
+            .set_read_timeout(Some(left))
+            .map_err(|_| HeadError::Gone)?;
+        let n = match (&mut &*stream).read(&mut chunk) {
+            Ok(0) => return Err(HeadError::Gone),
+            Ok(n) => n,
+            Err(e) if is_timeout(&e) => return Err(HeadError::TimedOut),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return Err(HeadError::Gone),
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let target = req.path.unwrap_or("/");
+                let (path, query) = target.split_once('?').unwrap_or((target, ""));
+                return Ok(Head {
+                    method: req.method.unwrap_or("").to_string(),
+                    path: path.to_string(),
+                    query: query.to_string(),
+                    headers: req
+                        .headers
+                        .iter()
+                        .map(|h| {
+                            (
+                                h.name.to_ascii_lowercase(),
+                                String::from_utf8_lossy(h.value).into_owned(),
+                            )
+                        })
+                        .collect(),
+                    rest: buf[len..].to_vec(),
+                });
+            }
+            Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
+                return Err(HeadError::TooLarge)
+            }
+            Ok(httparse::Status::Partial) => {}
+            Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+            Err(e) => return Err(HeadError::Malformed(e.to_string())),
+        }
+    }
+}
+
+/// WouldBlock and TimedOut both mean "the read timeout passed" on Unix.
+pub fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// Writes a complete plain response and leaves the connection to be closed.
+pub fn respond(
+    mut stream: &TcpStream,
+    status: u16,
+    content_type: &str,
+    extra_headers: &[(&str, &str)],
+    body: &str,
+) -> io::Result<()> {
+    let mut out = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        reason(status),
+        body.len()
+    );
+    for (name, value) in extra_headers {
+        out.push_str(&format!("{name}: {value}\r\n"));
+    }
+    out.push_str("\r\n");
+    out.push_str(body);
+    stream.write_all(out.as_bytes())?;
+    stream.flush()
+}
+
+/// A one-line text response.
+pub fn respond_text(stream: &TcpStream, status: u16, line: &str) -> io::Result<()> {
+    respond(
+        stream,
+        status,
+        "text/plain; charset=utf-8",
+        &[],
+        &format!("{line}\n"),
+    )
+}
+
+/// Checks a websocket upgrade request and, if it is one, answers 101.
+/// Returns the HTTP status and reason to send instead when it is not.
+pub fn accept_websocket(mut stream: &TcpStream, head: &Head) -> Result<(), (u16, String)> {
+    if head.method != "GET" {
+        return Err((405, "/provide takes GET with a websocket upgrade".into()));
+    }
+    if !head.has_token("upgrade", "websocket") || !head.has_token("connection", "upgrade") {
+        return Err((
+            400,
+            "/provide is a websocket: send Connection: Upgrade and Upgrade: websocket".into(),
+        ));
+    }
+    if head.header("sec-websocket-version") != Some("13") {
+        return Err((426, "websocket version 13 required".into()));
+    }
+    let key = match head.header("sec-websocket-key") {
+        Some(k) if !k.trim().is_empty() => k.trim(),
+        _ => return Err((400, "missing Sec-WebSocket-Key".into())),
+    };
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    // Not timed: the socket's write timeout is set by the caller.
+    let response = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    );
+    stream
+        .write_all(response.as_bytes())
+        .map_err(|e| (0, e.to_string()))
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        426 => "Upgrade Required",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "Error",
+    }
+}

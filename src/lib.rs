@@ -1,0 +1,23 @@
+//! skyapi: keeps a SkyDNS entry in etcd v3 for every process that holds a
+//! websocket to `/provide`, and removes it when the connection ends.
+//!
+//! Modules, by concern:
+//! - `config`: flags into a validated `Config`;
+//! - `provide`: the `/provide` contract: parameters, ids, keys, values;
+//! - `http`: request heads, routing helpers and plain responses;
+//! - `connection`: one thread per connection: handshake and ping loop;
+//! - `worker`: the etcd worker's logic behind the `Store` trait;
+//! - `etcd`: `Store` on a real etcd through etcd-client;
+//! - `endpoints`: `/healthz` and the other plain HTTP endpoints;
+//! - `server`: listener, accept loop, signals and shutdown;
+//! - `error`: the error types of each boundary.
+
+pub mod config;
+pub mod connection;
+pub mod endpoints;
+pub mod error;
+pub mod etcd;
+pub mod http;
+pub mod provide;
+pub mod server;
+pub mod worker;

@@ -1,0 +1,279 @@
+//! The server: binds the listener, starts the etcd worker, hands each
+//! accepted connection to its own thread, and shuts everything down in order
+//! on SIGTERM or SIGINT.
+//!
+//! Invariants:
+//! - a connection beyond `--max-connections` gets 503 before a thread is
+//!   spent on it;
+//! - `accept()` errors (out of file descriptors, ...) are logged and retried
+//!   after a pause, never fatal;
+//! - shutdown is: stop accepting, revoke the lease (every entry of this
+//!   instance goes in one etcd request), send every client a 1001 close,
+//!   return within `SHUTDOWN_BOUND`;
+//! - a panic in a connection thread is caught and logged; its drop guards
+//!   still release the registration and the connection slot.
+
+use std::collections::HashMap;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use log::{debug, error, info, warn};
+use signal_hook::consts::{SIGINT, SIGTERM};
+
+use crate::config::Config;
+use crate::connection;
+use crate::etcd::EtcdStore;
+use crate::provide::Layout;
+use crate::worker::{self, ConnId, SharedHealth, WorkerHandle};
+
+/// Stack of a connection thread. The deepest path (handshake, JSON, logging)
+/// needs well under this; only touched pages cost memory.
+pub const CONN_STACK: usize = 128 * 1024;
+/// How long the worker gets to revoke the lease at shutdown.
+const REVOKE_WAIT: Duration = Duration::from_secs(3);
+/// How long connection threads get to send their close frames.
+const DRAIN_WAIT: Duration = Duration::from_millis(1500);
+
+/// State every connection thread sees.
+pub struct Shared {
+    pub layout: Layout,
+    pub timeout: Duration,
+    pub worker: WorkerHandle,
+    pub health: SharedHealth,
+    pub max_connections: usize,
+    shutting_down: AtomicBool,
+    open: AtomicUsize,
+    next_id: AtomicU64,
+    /// Open connections, so shutdown can wake their blocked reads.
+    streams: Mutex<HashMap<ConnId, Arc<TcpStream>>>,
+}
+
+impl Shared {
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+}
+
+/// Releases a connection slot when the connection thread ends, however.
+struct Slot {
+    shared: Arc<Shared>,
+    id: ConnId,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.shared
+            .streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+        self.shared.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Runs the server until SIGTERM or SIGINT; `Ok` after a clean shutdown.
+pub fn run(config: Config) -> Result<(), String> {
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    raise_fd_limit();
+
+    let listener = bind(&config.listen)?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| format!("listener has no address: {e}"))?;
+
+    let store = EtcdStore::new(config.etcd_endpoints.clone())
+        .map_err(|e| format!("cannot start the etcd worker's runtime: {e}"))?;
+    let (worker, health, worker_thread) =
+        worker::spawn(store, config.timeout, config.layout.root_dir())
+            .map_err(|e| format!("cannot start the etcd worker: {e}"))?;
+
+    let shared = Arc::new(Shared {
+        layout: config.layout.clone(),
+        timeout: config.timeout,
+        worker,
+        health,
+        max_connections: config.max_connections,
+        shutting_down: AtomicBool::new(false),
+        open: AtomicUsize::new(0),
+        next_id: AtomicU64::new(1),
+        streams: Mutex::new(HashMap::new()),
+    });
+
+    let listener = Arc::new(listener);
+    let acceptor = {
+        let shared = shared.clone();
+        let listener = listener.clone();
+        std::thread::Builder::new()
+            .name("accept".into())
+            .spawn(move || accept_loop(&listener, &shared))
+            .map_err(|e| format!("cannot start the accept thread: {e}"))?
+    };
+    info!(
+        "listening on {local} (etcd {}, root {}, timeout {}s)",
+        config.etcd_endpoints.join(","),
+        config.layout.root_name(),
+        config.timeout.as_secs()
+    );
+
+    let signal = signals.forever().next().unwrap_or(SIGTERM);
+    let started = Instant::now();
+    info!(
+        "{}: shutting down ({} connections)",
+        if signal == SIGINT {
+            "SIGINT"
+        } else {
+            "SIGTERM"
+        },
+        shared.open_connections()
+    );
+    shared.shutting_down.store(true, Ordering::SeqCst);
+    // Wakes the blocked accept(); on Linux it then fails with EINVAL.
+    // SAFETY: the fd belongs to `listener`, which is alive (we hold an Arc).
+    unsafe {
+        libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR);
+    }
+    // The acceptor only ever logs; a panic there has been reported already.
+    let _ = acceptor.join();
+
+    if !shared.worker.shutdown(REVOKE_WAIT) {
+        warn!("etcd worker did not stop in time: entries expire with the lease");
+    }
+    for stream in shared
+        .streams
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+    {
+        // Wakes the connection thread's read; it then sends its 1001 close.
+        let _ = stream.shutdown(Shutdown::Read);
+    }
+    let deadline = Instant::now() + DRAIN_WAIT;
+    while shared.open_connections() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if worker_thread.is_finished() {
+        let _ = worker_thread.join();
+    }
+    info!(
+        "stopped in {} ms ({} connections still closing)",
+        started.elapsed().as_millis(),
+        shared.open_connections()
+    );
+    Ok(())
+}
+
+fn bind(candidates: &[SocketAddr]) -> Result<TcpListener, String> {
+    let mut last = None;
+    for addr in candidates {
+        match TcpListener::bind(addr) {
+            Ok(l) => return Ok(l),
+            Err(e) => {
+                debug!("cannot bind {addr}: {e}");
+                last = Some((addr, e));
+            }
+        }
+    }
+    match last {
+        Some((addr, e)) => Err(format!("cannot listen on {addr}: {e}")),
+        None => Err("no address to listen on".into()),
+    }
+}
+
+fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
+    let mut refused_logged = Instant::now() - Duration::from_secs(60);
+    loop {
+        let (stream, peer) = match listener.accept() {
+            Ok(pair) => pair,
+            Err(e) => {
+                if shared.is_shutting_down() {
+                    return;
+                }
+                // EMFILE and friends: the condition passes when connections
+                // close; spinning on it would only burn a core.
+                error!("accept failed: {e}; retrying");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        if shared.is_shutting_down() {
+            return;
+        }
+        if shared.open.fetch_add(1, Ordering::SeqCst) >= shared.max_connections {
+            shared.open.fetch_sub(1, Ordering::SeqCst);
+            if refused_logged.elapsed() > Duration::from_secs(10) {
+                warn!(
+                    "--max-connections {} reached: answering 503",
+                    shared.max_connections
+                );
+                refused_logged = Instant::now();
+            }
+            let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
+            connection::plain(&stream, 503, "too many connections");
+            continue;
+        }
+        let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
+        let stream = Arc::new(stream);
+        shared
+            .streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, stream.clone());
+        let slot = Slot {
+            shared: shared.clone(),
+            id,
+        };
+        let spawned = std::thread::Builder::new()
+            .name(format!("conn-{id}"))
+            .stack_size(CONN_STACK)
+            .spawn(move || {
+                let shared = slot.shared.clone();
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    connection::serve(&shared, id, stream, peer)
+                }));
+                if outcome.is_err() {
+                    error!("connection {id} from {peer} panicked; its entry was released");
+                }
+                drop(slot);
+            });
+        if let Err(e) = spawned {
+            // The closure (and with it the slot and stream) was dropped.
+            error!("cannot start a thread for {peer}: {e}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Raises the soft open-file limit to the hard limit: each connection is one
+/// descriptor, and the usual soft limit of 1024 is far below
+/// `--max-connections`.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a stack struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            warn!("cannot read the open-file limit");
+            return;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let wanted = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0 {
+                lim = wanted;
+            }
+        }
+    }
+    info!("open-file limit {}", lim.rlim_cur);
+}

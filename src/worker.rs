@@ -1,0 +1,768 @@
+//! The etcd worker: one thread that owns all etcd traffic and the desired
+//! state of this instance (which keys must exist, with which value).
+//!
+//! Connection threads talk to it through `WorkerHandle` over a channel. The
+//! logic runs against the small `Store` trait, so it is unit tested with an
+//! in-memory fake; `etcd::EtcdStore` is the real one.
+//!
+//! Invariants:
+//! - every key this instance writes is attached to its one lease, so if the
+//!   process dies etcd removes its entries within the lease TTL (`--timeout`);
+//! - etcd load does not grow with connections: in steady state the worker
+//!   sends one keepalive and one range read (the reconcile) every TTL/3;
+//! - a delete only removes a key still attached to our lease, so a key
+//!   another instance has re-put since is left alone;
+//! - nothing is refused because etcd is down: work stays queued and is
+//!   retried every `RETRY` until etcd answers;
+//! - a key shared by several live connections stays until the last one goes.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+
+use crate::error::StoreError;
+
+/// Most operations in one etcd transaction: etcd's default `--max-txn-ops`.
+pub const MAX_TXN_OPS: usize = 128;
+/// How soon failed etcd work is retried. Keeps "written within 2 s of etcd
+/// answering again" with room for one timed-out attempt.
+pub const RETRY: Duration = Duration::from_millis(500);
+/// Commands drained from the channel before writing, so a reconnect storm
+/// becomes a few full transactions instead of one per client.
+const MAX_BATCH: usize = 4096;
+
+/// Identifies one connection, so shared keys can be reference-counted.
+pub type ConnId = u64;
+
+/// The answer to a registration: `Ok` once the entry is in etcd.
+pub type Ack = Result<(), String>;
+
+/// A key/value pair as read back from etcd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredKv {
+    pub key: String,
+    pub value: String,
+    pub lease: i64,
+}
+
+/// The etcd operations the worker needs; each call is bounded in time.
+pub trait Store {
+    /// Grants a lease with this TTL and returns its id.
+    fn grant(&mut self, ttl_secs: i64) -> Result<i64, StoreError>;
+    /// Renews the lease; `LeaseNotFound` when etcd no longer has it.
+    fn keep_alive(&mut self, lease: i64) -> Result<(), StoreError>;
+    fn revoke(&mut self, lease: i64) -> Result<(), StoreError>;
+    /// Puts every pair, attached to `lease`, in one transaction.
+    fn put(&mut self, kvs: &[(String, String)], lease: i64) -> Result<(), StoreError>;
+    /// Deletes each key that is still attached to `lease`, in one transaction.
+    fn delete_owned(&mut self, keys: &[String], lease: i64) -> Result<(), StoreError>;
+    /// Every key under `dir`, with value and lease.
+    fn list(&mut self, dir: &str) -> Result<Vec<StoredKv>, StoreError>;
+}
+
+/// Messages connection threads send to the worker.
+pub enum Command {
+    Register {
+        conn: ConnId,
+        key: String,
+        value: String,
+        ack: Sender<Ack>,
+    },
+    Unregister {
+        conn: ConnId,
+        key: String,
+    },
+    Shutdown {
+        done: Sender<()>,
+    },
+}
+
+/// The worker's view of etcd, shared with the HTTP endpoints so `/healthz`
+/// costs no etcd round trip.
+#[derive(Debug, Clone)]
+pub struct Health {
+    pub etcd_up: bool,
+    pub lease: Option<i64>,
+    /// When `etcd_up` last changed, or the worker started.
+    pub since: Instant,
+    pub last_error: Option<String>,
+    /// Keys waiting to be written or deleted.
+    pub pending: usize,
+}
+
+pub type SharedHealth = Arc<Mutex<Health>>;
+
+/// The sending side, cloned into every connection thread.
+#[derive(Clone)]
+pub struct WorkerHandle {
+    tx: Sender<Command>,
+}
+
+impl WorkerHandle {
+    /// Queues a registration; the returned receiver yields once the entry is
+    /// stored (or the worker stopped).
+    pub fn register(&self, conn: ConnId, key: &str, value: &str) -> Receiver<Ack> {
+        let (ack, rx) = mpsc::channel();
+        // If the worker is gone the ack sender is dropped with the command
+        // and the receiver reports that; nothing else to do here.
+        let _ = self.tx.send(Command::Register {
+            conn,
+            key: key.to_string(),
+            value: value.to_string(),
+            ack,
+        });
+        rx
+    }
+
+    pub fn unregister(&self, conn: ConnId, key: &str) {
+        // After shutdown the lease is revoked: nothing is left to delete.
+        let _ = self.tx.send(Command::Unregister {
+            conn,
+            key: key.to_string(),
+        });
+    }
+
+    /// Asks the worker to revoke the lease and stop; waits at most `wait`.
+    pub fn shutdown(&self, wait: Duration) -> bool {
+        let (done, rx) = mpsc::channel();
+        if self.tx.send(Command::Shutdown { done }).is_err() {
+            return false;
+        }
+        rx.recv_timeout(wait).is_ok()
+    }
+}
+
+/// Starts the worker on its own thread.
+pub fn spawn<S: Store + Send + 'static>(
+    store: S,
+    ttl: Duration,
+    dir: String,
+) -> std::io::Result<(WorkerHandle, SharedHealth, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = mpsc::channel();
+    let health = Arc::new(Mutex::new(Health {
+        etcd_up: false,
+        lease: None,
+        since: Instant::now(),
+        last_error: None,
+        pending: 0,
+    }));
+    let shared = health.clone();
+    let thread = std::thread::Builder::new()
+        .name("etcd-worker".into())
+        .spawn(move || Worker::new(store, ttl, dir, shared).run(rx))?;
+    Ok((WorkerHandle { tx }, health, thread))
+}
+
+#[derive(Default)]
+struct Desired {
+    /// Live connections holding this key, oldest first; the newest one's
+    /// value is the one stored.
+    holders: Vec<(ConnId, String)>,
+    /// Registrations waiting for the put to succeed.
+    waiters: Vec<Sender<Ack>>,
+}
+
+pub struct Worker<S: Store> {
+    store: S,
+    ttl: Duration,
+    dir: String,
+    lease: Option<i64>,
+    entries: HashMap<String, Desired>,
+    to_put: BTreeSet<String>,
+    to_delete: BTreeSet<String>,
+    next_keepalive: Instant,
+    next_reconcile: Instant,
+    /// Earliest time to retry after an etcd failure.
+    retry_at: Instant,
+    health: SharedHealth,
+}
+
+impl<S: Store> Worker<S> {
+    pub fn new(store: S, ttl: Duration, dir: String, health: SharedHealth) -> Self {
+        let now = Instant::now();
+        Worker {
+            store,
+            ttl,
+            dir,
+            lease: None,
+            entries: HashMap::new(),
+            to_put: BTreeSet::new(),
+            to_delete: BTreeSet::new(),
+            next_keepalive: now,
+            next_reconcile: now + ttl / 3,
+            retry_at: now,
+            health,
+        }
+    }
+
+    fn run(mut self, rx: Receiver<Command>) {
+        self.tick(Instant::now());
+        loop {
+            let wait = self
+                .next_deadline()
+                .saturating_duration_since(Instant::now());
+            match rx.recv_timeout(wait) {
+                Ok(cmd) => {
+                    if !self.handle(cmd) {
+                        return;
+                    }
+                    for _ in 0..MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(cmd) => {
+                                if !self.handle(cmd) {
+                                    return;
+                                }
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.shutdown();
+                    return;
+                }
+            }
+            self.tick(Instant::now());
+        }
+    }
+
+    /// Applies one command to the desired state; false after shutdown.
+    pub fn handle(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::Register {
+                conn,
+                key,
+                value,
+                ack,
+            } => {
+                let d = self.entries.entry(key.clone()).or_default();
+                d.holders.retain(|(c, _)| *c != conn);
+                d.holders.push((conn, value));
+                d.waiters.push(ack);
+                self.to_delete.remove(&key);
+                self.to_put.insert(key);
+            }
+            Command::Unregister { conn, key } => {
+                if let Some(d) = self.entries.get_mut(&key) {
+                    let newest = d.holders.last().map(|(c, _)| *c);
+                    d.holders.retain(|(c, _)| *c != conn);
+                    if d.holders.is_empty() {
+                        self.entries.remove(&key);
+                        self.to_put.remove(&key);
+                        self.to_delete.insert(key);
+                    } else if newest == Some(conn) {
+                        // The stored value was the leaver's: store the
+                        // remaining holder's.
+                        self.to_put.insert(key);
+                    }
+                }
+            }
+            Command::Shutdown { done } => {
+                self.shutdown();
+                // The caller may have stopped waiting.
+                let _ = done.send(());
+                return false;
+            }
+        }
+        true
+    }
+
+    fn next_deadline(&self) -> Instant {
+        let mut next = self.next_keepalive.min(self.next_reconcile);
+        if self.lease.is_none() || !self.to_put.is_empty() || !self.to_delete.is_empty() {
+            next = next.min(self.retry_at);
+        }
+        next
+    }
+
+    /// Does whatever is due: lease upkeep, reconcile, pending writes.
+    pub fn tick(&mut self, now: Instant) {
+        if now >= self.retry_at || now >= self.next_keepalive {
+            self.ensure_lease(now);
+        }
+        if now >= self.next_keepalive {
+            if let Some(lease) = self.lease {
+                match self.store.keep_alive(lease) {
+                    Ok(()) => {
+                        self.mark_up();
+                        self.next_keepalive = now + self.ttl / 3;
+                    }
+                    Err(e) => {
+                        self.next_keepalive = now + RETRY;
+                        self.failed(e, now);
+                    }
+                }
+            } else {
+                self.next_keepalive = now + RETRY;
+            }
+        }
+        if now >= self.next_reconcile {
+            if self.lease.is_some() && self.to_put.is_empty() {
+                self.reconcile(now);
+            }
+            self.next_reconcile = now + self.ttl / 3;
+        }
+        self.flush(now);
+        self.publish();
+    }
+
+    fn ensure_lease(&mut self, now: Instant) {
+        if self.lease.is_some() || now < self.retry_at {
+            return;
+        }
+        match self.store.grant(self.ttl.as_secs() as i64) {
+            Ok(id) => {
+                info!("etcd lease {id:x} granted, ttl {}s", self.ttl.as_secs());
+                self.lease = Some(id);
+                self.next_keepalive = now + self.ttl / 3;
+                self.mark_up();
+                // Whatever we held under an older lease went with it.
+                self.to_put.extend(self.entries.keys().cloned());
+                self.to_delete.clear();
+            }
+            Err(e) => self.failed(e, now),
+        }
+    }
+
+    /// Writes pending deletes and puts, in transactions of `MAX_TXN_OPS`.
+    fn flush(&mut self, now: Instant) {
+        if now < self.retry_at || (self.to_put.is_empty() && self.to_delete.is_empty()) {
+            return;
+        }
+        self.ensure_lease(now);
+        let Some(lease) = self.lease else {
+            return;
+        };
+        while !self.to_delete.is_empty() {
+            let chunk: Vec<String> = self.to_delete.iter().take(MAX_TXN_OPS).cloned().collect();
+            match self.store.delete_owned(&chunk, lease) {
+                Ok(()) => {
+                    for k in &chunk {
+                        debug!("deleted {k}");
+                        self.to_delete.remove(k);
+                    }
+                }
+                Err(e) => return self.failed(e, now),
+            }
+        }
+        while !self.to_put.is_empty() {
+            let chunk: Vec<(String, String)> = self
+                .to_put
+                .iter()
+                .take(MAX_TXN_OPS)
+                .filter_map(|k| {
+                    let d = self.entries.get(k)?;
+                    Some((k.clone(), d.holders.last()?.1.clone()))
+                })
+                .collect();
+            let keys: Vec<String> = self.to_put.iter().take(MAX_TXN_OPS).cloned().collect();
+            if !chunk.is_empty() {
+                if let Err(e) = self.store.put(&chunk, lease) {
+                    return self.failed(e, now);
+                }
+            }
+            for k in &keys {
+                self.to_put.remove(k);
+                if let Some(d) = self.entries.get_mut(k) {
+                    debug!("stored {k}");
+                    for w in d.waiters.drain(..) {
+                        // The connection may have gone meanwhile.
+                        let _ = w.send(Ok(()));
+                    }
+                }
+            }
+        }
+        self.mark_up();
+    }
+
+    /// Compares etcd with the desired state in one range read: restores keys
+    /// removed behind our back and deletes our own leftovers.
+    fn reconcile(&mut self, now: Instant) {
+        let Some(lease) = self.lease else { return };
+        let stored = match self.store.list(&self.dir) {
+            Ok(kvs) => kvs,
+            Err(e) => return self.failed(e, now),
+        };
+        let stored: BTreeMap<&str, &StoredKv> =
+            stored.iter().map(|kv| (kv.key.as_str(), kv)).collect();
+        for (key, d) in &self.entries {
+            let Some((_, want)) = d.holders.last() else {
+                continue;
+            };
+            match stored.get(key.as_str()) {
+                None => {
+                    warn!("{key} is missing from etcd: restoring it");
+                    self.to_put.insert(key.clone());
+                }
+                Some(kv) if kv.lease == lease && kv.value != *want => {
+                    warn!("{key} was changed in etcd: restoring it");
+                    self.to_put.insert(key.clone());
+                }
+                // Attached to another lease: another instance's newer
+                // registration of the same process wins.
+                Some(_) => {}
+            }
+        }
+        for kv in stored.values() {
+            if kv.lease == lease && !self.entries.contains_key(&kv.key) {
+                warn!("{} is ours but has no connection: deleting it", kv.key);
+                self.to_delete.insert(kv.key.clone());
+            }
+        }
+    }
+
+    fn failed(&mut self, e: StoreError, now: Instant) {
+        match e {
+            StoreError::LeaseNotFound => {
+                if let Some(old) = self.lease.take() {
+                    warn!(
+                        "etcd lease {old:x} is gone: granting a new one and re-putting {} entries",
+                        self.entries.len()
+                    );
+                }
+                // Retry at once: the grant will put everything again.
+                self.retry_at = now;
+                self.next_keepalive = now;
+            }
+            StoreError::Unavailable(ref why) | StoreError::Rejected(ref why) => {
+                let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+                if h.etcd_up {
+                    warn!("{e}; {} keys queued until it answers", self.pending());
+                    h.etcd_up = false;
+                    h.since = Instant::now();
+                } else {
+                    debug!("{e}");
+                }
+                h.last_error = Some(why.clone());
+                self.retry_at = now + RETRY;
+            }
+        }
+    }
+
+    fn mark_up(&mut self) {
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        if !h.etcd_up {
+            info!("etcd answers");
+            h.etcd_up = true;
+            h.since = Instant::now();
+        }
+    }
+
+    fn pending(&self) -> usize {
+        self.to_put.len() + self.to_delete.len()
+    }
+
+    fn publish(&mut self) {
+        let pending = self.pending();
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        h.lease = self.lease;
+        h.pending = pending;
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            match self.store.revoke(lease) {
+                Ok(()) => info!("etcd lease {lease:x} revoked: this instance's entries are gone"),
+                Err(e) => warn!(
+                    "could not revoke lease {lease:x} ({e}): entries expire within the lease TTL"
+                ),
+            }
+        }
+        for d in self.entries.values_mut() {
+            for w in d.waiters.drain(..) {
+                let _ = w.send(Err("skyapi is shutting down".into()));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    /// An in-memory etcd: keys with leases, a switch to make it unreachable.
+    #[derive(Default)]
+    struct FakeEtcd {
+        kv: BTreeMap<String, (String, i64)>,
+        leases: BTreeSet<i64>,
+        next_lease: i64,
+        down: bool,
+        calls: Vec<&'static str>,
+    }
+
+    #[derive(Clone, Default)]
+    struct Fake(Rc<RefCell<FakeEtcd>>);
+
+    impl Fake {
+        fn check(&self, op: &'static str) -> Result<(), StoreError> {
+            let mut e = self.0.borrow_mut();
+            e.calls.push(op);
+            if e.down {
+                Err(StoreError::Unavailable("down".into()))
+            } else {
+                Ok(())
+            }
+        }
+        fn get(&self, k: &str) -> Option<(String, i64)> {
+            self.0.borrow().kv.get(k).cloned()
+        }
+        fn revoke_all(&self) {
+            let mut e = self.0.borrow_mut();
+            e.leases.clear();
+            e.kv.retain(|_, (_, l)| *l == 0);
+        }
+    }
+
+    impl Store for Fake {
+        fn grant(&mut self, _ttl: i64) -> Result<i64, StoreError> {
+            self.check("grant")?;
+            let mut e = self.0.borrow_mut();
+            e.next_lease += 1;
+            let id = e.next_lease;
+            e.leases.insert(id);
+            Ok(id)
+        }
+        fn keep_alive(&mut self, lease: i64) -> Result<(), StoreError> {
+            self.check("keepalive")?;
+            if self.0.borrow().leases.contains(&lease) {
+                Ok(())
+            } else {
+                Err(StoreError::LeaseNotFound)
+            }
+        }
+        fn revoke(&mut self, lease: i64) -> Result<(), StoreError> {
+            self.check("revoke")?;
+            let mut e = self.0.borrow_mut();
+            e.leases.remove(&lease);
+            e.kv.retain(|_, (_, l)| *l != lease);
+            Ok(())
+        }
+        fn put(&mut self, kvs: &[(String, String)], lease: i64) -> Result<(), StoreError> {
+            self.check("put")?;
+            assert!(kvs.len() <= MAX_TXN_OPS);
+            let mut e = self.0.borrow_mut();
+            if !e.leases.contains(&lease) {
+                return Err(StoreError::LeaseNotFound);
+            }
+            for (k, v) in kvs {
+                e.kv.insert(k.clone(), (v.clone(), lease));
+            }
+            Ok(())
+        }
+        fn delete_owned(&mut self, keys: &[String], lease: i64) -> Result<(), StoreError> {
+            self.check("delete")?;
+            let mut e = self.0.borrow_mut();
+            for k in keys {
+                if e.kv.get(k).is_some_and(|(_, l)| *l == lease) {
+                    e.kv.remove(k);
+                }
+            }
+            Ok(())
+        }
+        fn list(&mut self, dir: &str) -> Result<Vec<StoredKv>, StoreError> {
+            self.check("list")?;
+            Ok(self
+                .0
+                .borrow()
+                .kv
+                .iter()
+                .filter(|(k, _)| k.starts_with(dir))
+                .map(|(k, (v, l))| StoredKv {
+                    key: k.clone(),
+                    value: v.clone(),
+                    lease: *l,
+                })
+                .collect())
+        }
+    }
+
+    fn worker(fake: &Fake) -> Worker<Fake> {
+        let health = Arc::new(Mutex::new(Health {
+            etcd_up: false,
+            lease: None,
+            since: Instant::now(),
+            last_error: None,
+            pending: 0,
+        }));
+        Worker::new(fake.clone(), Duration::from_secs(30), "/d/".into(), health)
+    }
+
+    fn register(w: &mut Worker<Fake>, conn: ConnId, key: &str, value: &str) -> Receiver<Ack> {
+        let (ack, rx) = mpsc::channel();
+        w.handle(Command::Register {
+            conn,
+            key: key.into(),
+            value: value.into(),
+            ack,
+        });
+        rx
+    }
+
+    fn unregister(w: &mut Worker<Fake>, conn: ConnId, key: &str) {
+        w.handle(Command::Unregister {
+            conn,
+            key: key.into(),
+        });
+    }
+
+    #[test]
+    fn register_puts_with_lease_and_acks() {
+        let fake = Fake::default();
+        let mut w = worker(&fake);
+        let ack = register(&mut w, 1, "/d/a", "v");
+        w.tick(Instant::now());
+        assert_eq!(ack.try_recv(), Ok(Ok(())));
+        let (v, lease) = fake.get("/d/a").unwrap();
+        assert_eq!(v, "v");
+        assert_eq!(Some(lease), w.lease);
+        unregister(&mut w, 1, "/d/a");
+        w.tick(Instant::now());
+        assert_eq!(fake.get("/d/a"), None);
+    }
+
+    #[test]
+    fn shared_key_goes_with_the_last_holder() {
+        let fake = Fake::default();
+        let mut w = worker(&fake);
+        register(&mut w, 1, "/d/a", "one");
+        register(&mut w, 2, "/d/a", "two");
+        w.tick(Instant::now());
+        assert_eq!(fake.get("/d/a").unwrap().0, "two");
+        unregister(&mut w, 2, "/d/a");
+        w.tick(Instant::now());
+        assert_eq!(
+            fake.get("/d/a").unwrap().0,
+            "one",
+            "remaining holder's value"
+        );
+        unregister(&mut w, 1, "/d/a");
+        w.tick(Instant::now());
+        assert_eq!(fake.get("/d/a"), None);
+    }
+
+    #[test]
+    fn work_is_queued_while_etcd_is_down() {
+        let fake = Fake::default();
+        let mut w = worker(&fake);
+        fake.0.borrow_mut().down = true;
+        let ack = register(&mut w, 1, "/d/a", "v");
+        let t0 = Instant::now();
+        w.tick(t0);
+        assert!(ack.try_recv().is_err(), "no answer while etcd is down");
+        assert!(!w.health.lock().unwrap().etcd_up);
+        fake.0.borrow_mut().down = false;
+        w.tick(t0 + RETRY);
+        assert_eq!(ack.try_recv(), Ok(Ok(())));
+        assert!(fake.get("/d/a").is_some());
+        assert!(w.health.lock().unwrap().etcd_up);
+    }
+
+    #[test]
+    fn lost_lease_is_regranted_and_entries_re_put() {
+        let fake = Fake::default();
+        let mut w = worker(&fake);
+        register(&mut w, 1, "/d/a", "v");
+        register(&mut w, 2, "/d/b", "w");
+        let t0 = Instant::now();
+        w.tick(t0);
+        let old = w.lease.unwrap();
+        fake.revoke_all();
+        assert_eq!(fake.get("/d/a"), None);
+        w.tick(t0 + Duration::from_secs(10)); // keepalive due
+        w.tick(t0 + Duration::from_secs(10)); // regrant, re-put
+        let (_, lease) = fake.get("/d/a").expect("re-put");
+        assert_ne!(lease, old);
+        assert!(fake.get("/d/b").is_some());
+    }
+
+    #[test]
+    fn reconcile_restores_deleted_keys_and_leaves_others_alone() {
+        let fake = Fake::default();
+        let mut w = worker(&fake);
+        register(&mut w, 1, "/d/a", "v");
+        register(&mut w, 2, "/d/b", "w");
+        let t0 = Instant::now();
+        w.tick(t0);
+        fake.0.borrow_mut().kv.remove("/d/a");
+        // Another instance re-put /d/b under its own lease.
+        fake.0
+            .borrow_mut()
+            .kv
+            .insert("/d/b".into(), ("x".into(), 99));
+        fake.0.borrow_mut().calls.clear();
+        w.tick(t0 + Duration::from_secs(10));
+        w.tick(t0 + Duration::from_secs(10));
+        assert_eq!(fake.get("/d/a").unwrap().0, "v");
+        assert_eq!(fake.get("/d/b").unwrap(), ("x".into(), 99));
+        let lists = fake
+            .0
+            .borrow()
+            .calls
+            .iter()
+            .filter(|c| **c == "list")
+            .count();
+        assert_eq!(lists, 1, "one range read per period");
+        // Our delete must not remove the other instance's key.
+        unregister(&mut w, 2, "/d/b");
+        w.tick(t0 + Duration::from_secs(10));
+        assert_eq!(fake.get("/d/b").unwrap(), ("x".into(), 99));
+    }
+
+    #[test]
+    fn storms_are_batched_into_full_transactions() {
+        let fake = Fake::default();
+        let mut w = worker(&fake);
+        for i in 0..1000 {
+            register(&mut w, i, &format!("/d/{i}"), "v");
+        }
+        fake.0.borrow_mut().calls.clear();
+        w.tick(Instant::now());
+        let puts = fake
+            .0
+            .borrow()
+            .calls
+            .iter()
+            .filter(|c| **c == "put")
+            .count();
+        assert_eq!(puts, 1000usize.div_ceil(MAX_TXN_OPS));
+        assert_eq!(fake.0.borrow().kv.len(), 1000);
+    }
+
+    #[test]
+    fn steady_state_load_is_independent_of_connections() {
+        let count_calls = |n: u64| {
+            let fake = Fake::default();
+            let mut w = worker(&fake);
+            for i in 0..n {
+                register(&mut w, i, &format!("/d/{i}"), "v");
+            }
+            let t0 = Instant::now();
+            w.tick(t0);
+            fake.0.borrow_mut().calls.clear();
+            for s in 1..=60 {
+                w.tick(t0 + Duration::from_secs(s));
+            }
+            let calls = fake.0.borrow().calls.len();
+            calls
+        };
+        assert_eq!(count_calls(10), count_calls(2000));
+    }
+
+    #[test]
+    fn shutdown_revokes_the_lease() {
+        let fake = Fake::default();
+        let mut w = worker(&fake);
+        register(&mut w, 1, "/d/a", "v");
+        w.tick(Instant::now());
+        let (done, rx) = mpsc::channel();
+        assert!(!w.handle(Command::Shutdown { done }));
+        assert!(rx.try_recv().is_ok());
+        assert!(fake.0.borrow().kv.is_empty());
+    }
+}
