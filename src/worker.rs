@@ -429,9 +429,11 @@ impl<S: Store> Worker<S> {
                 self.next_keepalive = now;
             }
             StoreError::Unavailable(ref why) | StoreError::Rejected(ref why) => {
+                let pending = self.pending();
                 let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
-                if h.etcd_up {
-                    warn!("{e}; {} keys queued until it answers", self.pending());
+                // Warn on the way down, and on the first failure at start-up.
+                if h.etcd_up || h.last_error.is_none() {
+                    warn!("{e}; {pending} keys queued until it answers");
                     h.etcd_up = false;
                     h.since = Instant::now();
                 } else {
