@@ -17,7 +17,7 @@ use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use log::{debug, info, warn};
 use tungstenite::protocol::frame::coding::CloseCode;
@@ -25,7 +25,8 @@ use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
 use crate::http::{self, Head, HeadError};
-use crate::provide::{self, Entry};
+use crate::metrics::{self, Removal};
+use crate::provide::{self, Entry, Registration};
 use crate::server::Shared;
 use crate::worker::{Ack, ConnId};
 
@@ -74,24 +75,20 @@ impl Write for SharedStream {
     }
 }
 
-/// Why a registration ended, for logs (and the removal reason).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ending {
-    Closed,
-    PingTimeout,
-    Error,
-    Shutdown,
-}
-
-impl Ending {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Ending::Closed => "close",
-            Ending::PingTimeout => "ping timeout",
-            Ending::Error => "error",
-            Ending::Shutdown => "shutdown",
-        }
-    }
+/// A live registration, as `/services` lists it.
+#[derive(Debug, Clone)]
+pub struct Live {
+    pub service: String,
+    pub name: String,
+    pub key: String,
+    pub host: String,
+    pub port: u16,
+    pub priority: u16,
+    pub weight: u16,
+    pub peer: SocketAddr,
+    pub since: SystemTime,
+    /// True once etcd has stored the entry.
+    pub stored: bool,
 }
 
 /// Serves one accepted connection to its end.
@@ -135,16 +132,57 @@ pub fn peer_ip(peer: &SocketAddr) -> IpAddr {
     }
 }
 
-/// Removes the registration from etcd (through the worker) when dropped.
+/// Holds a registration: listed in `/services` and counted while it lives,
+/// removed from etcd (through the worker) and from the list when dropped.
 struct Registered<'a> {
     shared: &'a Shared,
     conn: ConnId,
     key: String,
 }
 
+impl<'a> Registered<'a> {
+    fn new(
+        shared: &'a Shared,
+        conn: ConnId,
+        r: &Registration,
+        e: &Entry,
+        peer: SocketAddr,
+    ) -> Self {
+        shared.live_registrations().insert(
+            conn,
+            Live {
+                service: r.service.clone(),
+                name: e.name.clone(),
+                key: e.key.clone(),
+                host: r.host.clone(),
+                port: r.port,
+                priority: r.priority,
+                weight: r.weight,
+                peer,
+                since: SystemTime::now(),
+                stored: false,
+            },
+        );
+        shared.metrics.connection_opened();
+        Registered {
+            shared,
+            conn,
+            key: e.key.clone(),
+        }
+    }
+
+    fn stored(&self) {
+        if let Some(l) = self.shared.live_registrations().get_mut(&self.conn) {
+            l.stored = true;
+        }
+    }
+}
+
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
         self.shared.worker.unregister(self.conn, &self.key);
+        self.shared.live_registrations().remove(&self.conn);
+        self.shared.metrics.connection_closed();
     }
 }
 
@@ -174,6 +212,7 @@ fn provide(shared: &Arc<Shared>, id: ConnId, stream: Arc<TcpStream>, peer: Socke
         Ok(r) => r,
         Err(refusal) => {
             info!("{peer}: refused /provide: {refusal}");
+            shared.metrics.registration(metrics::Registration::Refused);
             refuse(&mut ws, &stream, &format!("{refusal}"));
             return;
         }
@@ -184,12 +223,24 @@ fn provide(shared: &Arc<Shared>, id: ConnId, stream: Arc<TcpStream>, peer: Socke
         registration.service, entry.id, entry.key
     );
     let ack = shared.worker.register(id, &entry.key, &entry.value);
-    let _registered = Registered {
+    let registered = Registered::new(shared, id, &registration, &entry, peer);
+    let mut acked = false;
+    let ending = hold(
         shared,
-        conn: id,
-        key: entry.key.clone(),
-    };
-    let ending = hold(shared, &mut ws, &stream, &entry, ack);
+        &mut ws,
+        &stream,
+        &entry,
+        ack,
+        &registered,
+        &mut acked,
+    );
+    if acked {
+        shared.metrics.removal(ending);
+    } else {
+        shared
+            .metrics
+            .registration(metrics::Registration::Abandoned);
+    }
     info!(
         "close service={} id={} peer={peer} reason={}",
         registration.service,
@@ -225,19 +276,21 @@ fn close(ws: &mut WebSocket<SharedStream>, code: CloseCode, reason: &str) {
 }
 
 /// The liveness loop: pings, reads (and discards) client frames, tells the
-/// client once its entry is stored, and returns why it ended.
+/// client once its entry is stored (setting `acked`), and returns why it
+/// ended.
 fn hold(
     shared: &Shared,
     ws: &mut WebSocket<SharedStream>,
     stream: &TcpStream,
     entry: &Entry,
     ack: Receiver<Ack>,
-) -> Ending {
+    registered: &Registered,
+    acked: &mut bool,
+) -> Removal {
     let timeout = shared.timeout;
     let ping_every = timeout / 3;
     let mut last_heard = Instant::now();
     let mut next_ping = last_heard + ping_every;
-    let mut acked = false;
     let mut first_wait = true;
     let mut current_timeout = None;
     let mut tokens = MSG_BURST;
@@ -246,9 +299,9 @@ fn hold(
     loop {
         if shared.is_shutting_down() {
             close(ws, CloseCode::Away, "skyapi shutting down");
-            return Ending::Shutdown;
+            return Removal::Shutdown;
         }
-        if !acked {
+        if !*acked {
             // The first wait blocks: with etcd up the answer comes in about a
             // millisecond, and polling would add its period to every
             // registration. After that, poll between socket reads.
@@ -264,7 +317,9 @@ fn hold(
             };
             match answer {
                 Ok(Ok(())) => {
-                    acked = true;
+                    *acked = true;
+                    registered.stored();
+                    shared.metrics.registration(metrics::Registration::Stored);
                     let welcome = serde_json::json!({
                         "name": entry.name,
                         "key": entry.key,
@@ -272,18 +327,18 @@ fn hold(
                         "value": serde_json::from_str::<serde_json::Value>(&entry.value).unwrap_or_default(),
                     });
                     if ws.send(Message::Text(welcome.to_string().into())).is_err() {
-                        return Ending::Error;
+                        return Removal::Error;
                     }
                     info!("registered {} ({})", entry.name, entry.key);
                 }
                 Ok(Err(why)) => {
                     close(ws, CloseCode::Away, &why);
-                    return Ending::Shutdown;
+                    return Removal::Shutdown;
                 }
                 Err(TryRecvError::Empty) => {}
                 Err(TryRecvError::Disconnected) => {
                     close(ws, CloseCode::Away, "skyapi shutting down");
-                    return Ending::Shutdown;
+                    return Removal::Shutdown;
                 }
             }
         }
@@ -296,24 +351,24 @@ fn hold(
                 entry.key,
                 timeout.as_secs()
             );
-            return Ending::PingTimeout;
+            return Removal::PingTimeout;
         }
         if now >= next_ping {
             if let Err(e) = ws.send(Message::Ping(Default::default())) {
                 debug!("{}: ping failed: {e}", entry.key);
-                return Ending::Error;
+                return Removal::Error;
             }
             next_ping = now + ping_every;
         }
 
         let mut wait = next_ping.min(dead_at).saturating_duration_since(now);
-        if !acked {
+        if !*acked {
             wait = wait.min(ACK_POLL);
         }
         let wait = wait.max(Duration::from_millis(1));
         if current_timeout != Some(wait) {
             if stream.set_read_timeout(Some(wait)).is_err() {
-                return Ending::Error;
+                return Removal::Error;
             }
             current_timeout = Some(wait);
         }
@@ -325,7 +380,7 @@ fn hold(
                     Message::Close(_) => {
                         // tungstenite queued the close reply; send it.
                         let _ = ws.flush();
-                        return Ending::Closed;
+                        return Removal::Close;
                     }
                     Message::Text(_) | Message::Binary(_) => {
                         let elapsed = last_heard.duration_since(last_refill).as_secs_f64();
@@ -334,7 +389,7 @@ fn hold(
                         if tokens < 0.0 {
                             warn!("{}: client floods messages: closing", entry.key);
                             close(ws, CloseCode::Policy, "too many messages");
-                            return Ending::Error;
+                            return Removal::Error;
                         }
                     }
                     // Pongs prove liveness; tungstenite answers pings itself.
@@ -345,28 +400,28 @@ fn hold(
             Err(e) => {
                 if shared.is_shutting_down() {
                     close(ws, CloseCode::Away, "skyapi shutting down");
-                    return Ending::Shutdown;
+                    return Removal::Shutdown;
                 }
                 return match e {
                     tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
-                        Ending::Closed
+                        Removal::Close
                     }
                     tungstenite::Error::Capacity(c) => {
                         warn!("{}: {c}: closing", entry.key);
                         close(ws, CloseCode::Size, "message too big");
-                        Ending::Error
+                        Removal::Error
                     }
                     tungstenite::Error::Protocol(
                         tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
-                    ) => Ending::Closed,
+                    ) => Removal::Close,
                     tungstenite::Error::Protocol(p) => {
                         info!("{}: protocol error: {p}: closing", entry.key);
                         close(ws, CloseCode::Protocol, "protocol error");
-                        Ending::Error
+                        Removal::Error
                     }
                     other => {
                         debug!("{}: {other}", entry.key);
-                        Ending::Error
+                        Removal::Error
                     }
                 };
             }

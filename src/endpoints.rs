@@ -1,24 +1,39 @@
-//! The plain HTTP endpoints served beside `/provide` on the same listener.
+//! The plain HTTP endpoints served beside `/provide` on the same listener:
+//! `/healthz`, `/metrics` and `/services`.
 //!
 //! They answer from state the server already holds (the worker's last known
-//! view of etcd), never with an etcd round trip, so monitoring that polls
-//! them costs etcd nothing.
+//! view of etcd, counters, the live registrations), never with an etcd round
+//! trip, so monitoring that polls them costs etcd nothing.
 
 use std::net::TcpStream;
+use std::time::UNIX_EPOCH;
 
 use crate::connection::plain;
-use crate::http::Head;
+use crate::http::{self, Head};
+use crate::provide;
 use crate::server::Shared;
 
 pub fn serve(shared: &Shared, stream: &TcpStream, head: &Head) {
-    match (head.method.as_str(), head.path.as_str()) {
-        ("GET" | "HEAD", "/healthz") => healthz(shared, stream),
-        (_, "/healthz") => plain(stream, 405, "use GET"),
-        _ => plain(
-            stream,
-            404,
-            &format!("no such endpoint: {}", short(&head.path)),
-        ),
+    let path = head.path.as_str();
+    if !matches!(path, "/healthz" | "/metrics" | "/services") {
+        return plain(stream, 404, &format!("no such endpoint: {}", short(path)));
+    }
+    if head.method != "GET" {
+        return plain(stream, 405, &format!("{path} takes GET"));
+    }
+    match path {
+        "/healthz" => healthz(shared, stream),
+        "/metrics" => {
+            // The peer may be gone; nothing to do about it.
+            let _ = http::respond(
+                stream,
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                &[],
+                &shared.metrics.render(),
+            );
+        }
+        _ => services(shared, stream, &head.query),
     }
 }
 
@@ -34,15 +49,56 @@ fn healthz(shared: &Shared, stream: &TcpStream) {
     if h.etcd_up && h.lease.is_some() {
         plain(stream, 200, "ok");
     } else if !h.etcd_up {
-        let why = h.last_error.unwrap_or_else(|| "not yet reached".into());
+        let why = h.last_error.unwrap_or_else(|| "not reached yet".into());
         plain(
             stream,
             503,
             &format!("etcd unavailable for {age}s: {}", one_line(&why)),
         );
     } else {
-        plain(stream, 503, "no etcd lease yet");
+        plain(stream, 503, &format!("no etcd lease for {age}s"));
     }
+}
+
+/// This instance's live registrations as JSON, optionally `?service=NAME`.
+fn services(shared: &Shared, stream: &TcpStream, query: &str) {
+    let mut filter = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("service", v)) => match provide::label("service", v) {
+                Ok(s) => filter = Some(s),
+                Err(e) => return plain(stream, 400, &e.to_string()),
+            },
+            _ => return plain(stream, 400, "the only parameter is service=NAME"),
+        }
+    }
+    let mut list: Vec<serde_json::Value> = shared
+        .live_registrations()
+        .values()
+        .filter(|l| filter.as_ref().is_none_or(|f| *f == l.service))
+        .map(|l| {
+            let since = l
+                .since
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            serde_json::json!({
+                "service": l.service,
+                "name": l.name,
+                "key": l.key,
+                "host": l.host,
+                "port": l.port,
+                "priority": l.priority,
+                "weight": l.weight,
+                "peer": l.peer.to_string(),
+                "connected_since": since,
+                "stored": l.stored,
+            })
+        })
+        .collect();
+    list.sort_by(|a, b| a["key"].as_str().cmp(&b["key"].as_str()));
+    let body = serde_json::Value::Array(list).to_string();
+    let _ = http::respond(stream, 200, "application/json", &[], &body);
 }
 
 fn one_line(s: &str) -> String {

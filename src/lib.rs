@@ -8,7 +8,8 @@
 //! - `connection`: one thread per connection: handshake and ping loop;
 //! - `worker`: the etcd worker's logic behind the `Store` trait;
 //! - `etcd`: `Store` on a real etcd through etcd-client;
-//! - `endpoints`: `/healthz` and the other plain HTTP endpoints;
+//! - `endpoints`: `/healthz`, `/metrics`, `/services`;
+//! - `metrics`: counters and the Prometheus text writer;
 //! - `server`: listener, accept loop, signals and shutdown;
 //! - `error`: the error types of each boundary.
 
@@ -18,6 +19,7 @@ pub mod endpoints;
 pub mod error;
 pub mod etcd;
 pub mod http;
+pub mod metrics;
 pub mod provide;
 pub mod server;
 pub mod worker;

@@ -17,15 +17,16 @@ use std::collections::HashMap;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 use signal_hook::consts::{SIGINT, SIGTERM};
 
 use crate::config::Config;
-use crate::connection;
+use crate::connection::{self, Live};
 use crate::etcd::EtcdStore;
+use crate::metrics::{Metered, Metrics};
 use crate::provide::Layout;
 use crate::worker::{self, ConnId, SharedHealth, WorkerHandle};
 
@@ -44,6 +45,9 @@ pub struct Shared {
     pub worker: WorkerHandle,
     pub health: SharedHealth,
     pub max_connections: usize,
+    pub metrics: Arc<Metrics>,
+    /// Registrations of open `/provide` connections, for `/services`.
+    live: Mutex<HashMap<ConnId, Live>>,
     shutting_down: AtomicBool,
     open: AtomicUsize,
     next_id: AtomicU64,
@@ -58,6 +62,12 @@ impl Shared {
 
     pub fn open_connections(&self) -> usize {
         self.open.load(Ordering::SeqCst)
+    }
+
+    pub fn live_registrations(&self) -> MutexGuard<'_, HashMap<ConnId, Live>> {
+        // A panicking connection thread cannot leave the map half-updated:
+        // every change is a single insert, remove or field store.
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -91,9 +101,18 @@ pub fn run(config: Config) -> Result<(), String> {
 
     let store = EtcdStore::new(config.etcd_endpoints.clone())
         .map_err(|e| format!("cannot start the etcd worker's runtime: {e}"))?;
-    let (worker, health, worker_thread) =
-        worker::spawn(store, config.timeout, config.layout.root_dir())
-            .map_err(|e| format!("cannot start the etcd worker: {e}"))?;
+    let metrics = Arc::new(Metrics::default());
+    let store = Metered {
+        inner: store,
+        metrics: metrics.clone(),
+    };
+    let (worker, health, worker_thread) = worker::spawn(
+        store,
+        config.timeout,
+        config.layout.root_dir(),
+        metrics.clone(),
+    )
+    .map_err(|e| format!("cannot start the etcd worker: {e}"))?;
 
     let shared = Arc::new(Shared {
         layout: config.layout.clone(),
@@ -101,6 +120,8 @@ pub fn run(config: Config) -> Result<(), String> {
         worker,
         health,
         max_connections: config.max_connections,
+        metrics,
+        live: Mutex::new(HashMap::new()),
         shutting_down: AtomicBool::new(false),
         open: AtomicUsize::new(0),
         next_id: AtomicU64::new(1),

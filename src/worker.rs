@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 
 use crate::error::StoreError;
+use crate::metrics::Metrics;
 
 /// Most operations in one etcd transaction: etcd's default `--max-txn-ops`.
 pub const MAX_TXN_OPS: usize = 128;
@@ -99,6 +100,7 @@ pub type SharedHealth = Arc<Mutex<Health>>;
 #[derive(Clone)]
 pub struct WorkerHandle {
     tx: Sender<Command>,
+    metrics: Arc<Metrics>,
 }
 
 impl WorkerHandle {
@@ -108,7 +110,7 @@ impl WorkerHandle {
         let (ack, rx) = mpsc::channel();
         // If the worker is gone the ack sender is dropped with the command
         // and the receiver reports that; nothing else to do here.
-        let _ = self.tx.send(Command::Register {
+        self.send(Command::Register {
             conn,
             key: key.to_string(),
             value: value.to_string(),
@@ -119,16 +121,27 @@ impl WorkerHandle {
 
     pub fn unregister(&self, conn: ConnId, key: &str) {
         // After shutdown the lease is revoked: nothing is left to delete.
-        let _ = self.tx.send(Command::Unregister {
+        self.send(Command::Unregister {
             conn,
             key: key.to_string(),
         });
     }
 
+    /// Sends a command, counting it into the queue-depth gauge; false when
+    /// the worker has stopped.
+    fn send(&self, cmd: Command) -> bool {
+        self.metrics.queued(1);
+        let sent = self.tx.send(cmd).is_ok();
+        if !sent {
+            self.metrics.queued(-1);
+        }
+        sent
+    }
+
     /// Asks the worker to revoke the lease and stop; waits at most `wait`.
     pub fn shutdown(&self, wait: Duration) -> bool {
         let (done, rx) = mpsc::channel();
-        if self.tx.send(Command::Shutdown { done }).is_err() {
+        if !self.send(Command::Shutdown { done }) {
             return false;
         }
         rx.recv_timeout(wait).is_ok()
@@ -140,6 +153,7 @@ pub fn spawn<S: Store + Send + 'static>(
     store: S,
     ttl: Duration,
     dir: String,
+    metrics: Arc<Metrics>,
 ) -> std::io::Result<(WorkerHandle, SharedHealth, std::thread::JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel();
     let health = Arc::new(Mutex::new(Health {
@@ -150,10 +164,11 @@ pub fn spawn<S: Store + Send + 'static>(
         pending: 0,
     }));
     let shared = health.clone();
+    let m = metrics.clone();
     let thread = std::thread::Builder::new()
         .name("etcd-worker".into())
-        .spawn(move || Worker::new(store, ttl, dir, shared).run(rx))?;
-    Ok((WorkerHandle { tx }, health, thread))
+        .spawn(move || Worker::new(store, ttl, dir, shared, m).run(rx))?;
+    Ok((WorkerHandle { tx, metrics }, health, thread))
 }
 
 #[derive(Default)]
@@ -177,11 +192,20 @@ pub struct Worker<S: Store> {
     next_reconcile: Instant,
     /// Earliest time to retry after an etcd failure.
     retry_at: Instant,
+    /// Whether a lease was ever granted: a later grant is a re-grant.
+    had_lease: bool,
     health: SharedHealth,
+    metrics: Arc<Metrics>,
 }
 
 impl<S: Store> Worker<S> {
-    pub fn new(store: S, ttl: Duration, dir: String, health: SharedHealth) -> Self {
+    pub fn new(
+        store: S,
+        ttl: Duration,
+        dir: String,
+        health: SharedHealth,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let now = Instant::now();
         Worker {
             store,
@@ -194,7 +218,9 @@ impl<S: Store> Worker<S> {
             next_keepalive: now,
             next_reconcile: now + ttl / 3,
             retry_at: now,
+            had_lease: false,
             health,
+            metrics,
         }
     }
 
@@ -232,6 +258,7 @@ impl<S: Store> Worker<S> {
 
     /// Applies one command to the desired state; false after shutdown.
     pub fn handle(&mut self, cmd: Command) -> bool {
+        self.metrics.queued(-1);
         match cmd {
             Command::Register {
                 conn,
@@ -317,6 +344,10 @@ impl<S: Store> Worker<S> {
         match self.store.grant(self.ttl.as_secs() as i64) {
             Ok(id) => {
                 info!("etcd lease {id:x} granted, ttl {}s", self.ttl.as_secs());
+                if self.had_lease {
+                    self.metrics.lease_regranted();
+                }
+                self.had_lease = true;
                 self.lease = Some(id);
                 self.next_keepalive = now + self.ttl / 3;
                 self.mark_up();
@@ -436,6 +467,7 @@ impl<S: Store> Worker<S> {
                     warn!("{e}; {pending} keys queued until it answers");
                     h.etcd_up = false;
                     h.since = Instant::now();
+                    self.metrics.set_etcd_up(false);
                 } else {
                     debug!("{e}");
                 }
@@ -449,6 +481,7 @@ impl<S: Store> Worker<S> {
         let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
         if !h.etcd_up {
             info!("etcd answers");
+            self.metrics.set_etcd_up(true);
             h.etcd_up = true;
             h.since = Instant::now();
         }
@@ -460,6 +493,7 @@ impl<S: Store> Worker<S> {
 
     fn publish(&mut self) {
         let pending = self.pending();
+        self.metrics.set_pending_keys(pending);
         let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
         h.lease = self.lease;
         h.pending = pending;
@@ -592,7 +626,13 @@ mod tests {
             last_error: None,
             pending: 0,
         }));
-        Worker::new(fake.clone(), Duration::from_secs(30), "/d/".into(), health)
+        Worker::new(
+            fake.clone(),
+            Duration::from_secs(30),
+            "/d/".into(),
+            health,
+            Arc::default(),
+        )
     }
 
     fn register(w: &mut Worker<Fake>, conn: ConnId, key: &str, value: &str) -> Receiver<Ack> {

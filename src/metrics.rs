@@ -1,0 +1,427 @@
+//! Counters, gauges and histograms for `/metrics`, written in the Prometheus
+//! text exposition format 0.0.4.
+//!
+//! Hand-written rather than a metrics crate: the set is small and fixed,
+//! every series is known at compile time (labels are enums, never peer
+//! input, so a client cannot grow the series count), and plain atomics keep
+//! the hot path at one relaxed increment. `Metered` wraps a `Store` so every
+//! etcd request is counted and timed in one place.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Instant;
+
+use crate::error::StoreError;
+use crate::worker::{Store, StoredKv};
+
+/// etcd operations, as the `op` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Grant,
+    KeepAlive,
+    Revoke,
+    Put,
+    Delete,
+    Range,
+}
+
+const OPS: [Op; 6] = [
+    Op::Grant,
+    Op::KeepAlive,
+    Op::Revoke,
+    Op::Put,
+    Op::Delete,
+    Op::Range,
+];
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Grant => "grant",
+            Op::KeepAlive => "keepalive",
+            Op::Revoke => "revoke",
+            Op::Put => "put",
+            Op::Delete => "delete",
+            Op::Range => "range",
+        }
+    }
+}
+
+const OUTCOMES: [&str; 4] = ["ok", "unavailable", "lease_not_found", "rejected"];
+
+fn outcome_index<T>(r: &Result<T, StoreError>) -> usize {
+    match r {
+        Ok(_) => 0,
+        Err(StoreError::Unavailable(_)) => 1,
+        Err(StoreError::LeaseNotFound) => 2,
+        Err(StoreError::Rejected(_)) => 3,
+    }
+}
+
+/// How a `/provide` request turned out, as the `outcome` label.
+#[derive(Debug, Clone, Copy)]
+pub enum Registration {
+    /// Stored in etcd and acknowledged to the client.
+    Stored,
+    /// Refused for its parameters (or access control).
+    Refused,
+    /// The client went away before etcd stored the entry.
+    Abandoned,
+}
+
+const REGISTRATION_OUTCOMES: [&str; 3] = ["stored", "refused", "abandoned"];
+
+/// Why a registration ended, as the `reason` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    Close,
+    PingTimeout,
+    Error,
+    Shutdown,
+}
+
+const REMOVAL_REASONS: [&str; 4] = ["close", "ping_timeout", "error", "shutdown"];
+
+impl Removal {
+    /// The label value, also used in log lines.
+    pub fn as_str(self) -> &'static str {
+        REMOVAL_REASONS[self as usize]
+    }
+}
+
+/// Upper bounds of the latency buckets, in seconds.
+const BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+#[derive(Default)]
+struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, secs: f64) {
+        for (i, le) in BUCKETS.iter().enumerate() {
+            if secs <= *le {
+                self.buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos
+            .fetch_add((secs * 1e9) as u64, Ordering::Relaxed);
+    }
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    connections_open: AtomicI64,
+    registrations: [AtomicU64; 3],
+    removals: [AtomicU64; 4],
+    etcd_requests: [[AtomicU64; 4]; 6],
+    etcd_latency: [Histogram; 6],
+    lease_regrants: AtomicU64,
+    queue: AtomicI64,
+    pending_keys: AtomicI64,
+    etcd_up: AtomicI64,
+}
+
+impl Metrics {
+    pub fn connection_opened(&self) {
+        self.connections_open.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn connection_closed(&self) {
+        self.connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub fn registration(&self, outcome: Registration) {
+        self.registrations[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn removal(&self, reason: Removal) {
+        self.removals[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn lease_regranted(&self) {
+        self.lease_regrants.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A command entered (+1) or left (-1) the worker's channel.
+    pub fn queued(&self, delta: i64) {
+        self.queue.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    pub fn set_pending_keys(&self, n: usize) {
+        self.pending_keys.store(n as i64, Ordering::Relaxed);
+    }
+
+    pub fn set_etcd_up(&self, up: bool) {
+        self.etcd_up.store(up as i64, Ordering::Relaxed);
+    }
+
+    fn etcd_request<T>(&self, op: Op, started: Instant, r: &Result<T, StoreError>) {
+        let i = OPS.iter().position(|o| *o == op).unwrap_or(0);
+        self.etcd_requests[i][outcome_index(r)].fetch_add(1, Ordering::Relaxed);
+        self.etcd_latency[i].observe(started.elapsed().as_secs_f64());
+    }
+
+    /// The whole exposition, text format 0.0.4.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        // Writing to a String cannot fail: the `let _ =` below drop `Ok(())`.
+        let family = |out: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+
+        family(
+            &mut out,
+            "skyapi_build_info",
+            "gauge",
+            "Build information; always 1.",
+        );
+        let _ = writeln!(
+            out,
+            "skyapi_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+
+        family(
+            &mut out,
+            "skyapi_connections_open",
+            "gauge",
+            "Open /provide websocket connections.",
+        );
+        let _ = writeln!(
+            out,
+            "skyapi_connections_open {}",
+            self.connections_open.load(Ordering::Relaxed).max(0)
+        );
+
+        family(
+            &mut out,
+            "skyapi_registrations_total",
+            "counter",
+            "/provide requests by outcome.",
+        );
+        for (i, o) in REGISTRATION_OUTCOMES.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "skyapi_registrations_total{{outcome=\"{o}\"}} {}",
+                get(&self.registrations[i])
+            );
+        }
+
+        family(
+            &mut out,
+            "skyapi_removals_total",
+            "counter",
+            "Registrations ended, by reason.",
+        );
+        for (i, r) in REMOVAL_REASONS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "skyapi_removals_total{{reason=\"{r}\"}} {}",
+                get(&self.removals[i])
+            );
+        }
+
+        family(
+            &mut out,
+            "skyapi_etcd_requests_total",
+            "counter",
+            "etcd requests by operation and outcome.",
+        );
+        for (i, op) in OPS.iter().enumerate() {
+            for (j, o) in OUTCOMES.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "skyapi_etcd_requests_total{{op=\"{}\",outcome=\"{o}\"}} {}",
+                    op.name(),
+                    get(&self.etcd_requests[i][j])
+                );
+            }
+        }
+
+        family(
+            &mut out,
+            "skyapi_etcd_request_duration_seconds",
+            "histogram",
+            "etcd request latency by operation.",
+        );
+        for (i, op) in OPS.iter().enumerate() {
+            let h = &self.etcd_latency[i];
+            for (b, le) in BUCKETS.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "skyapi_etcd_request_duration_seconds_bucket{{op=\"{}\",le=\"{le}\"}} {}",
+                    op.name(),
+                    get(&h.buckets[b])
+                );
+            }
+            let count = get(&h.count);
+            let _ = writeln!(
+                out,
+                "skyapi_etcd_request_duration_seconds_bucket{{op=\"{}\",le=\"+Inf\"}} {count}",
+                op.name()
+            );
+            let _ = writeln!(
+                out,
+                "skyapi_etcd_request_duration_seconds_sum{{op=\"{}\"}} {}",
+                op.name(),
+                get(&h.sum_nanos) as f64 / 1e9
+            );
+            let _ = writeln!(
+                out,
+                "skyapi_etcd_request_duration_seconds_count{{op=\"{}\"}} {count}",
+                op.name()
+            );
+        }
+
+        family(
+            &mut out,
+            "skyapi_etcd_lease_regrants_total",
+            "counter",
+            "New leases granted after the previous one was lost.",
+        );
+        let _ = writeln!(
+            out,
+            "skyapi_etcd_lease_regrants_total {}",
+            get(&self.lease_regrants)
+        );
+
+        family(
+            &mut out,
+            "skyapi_etcd_up",
+            "gauge",
+            "1 while etcd answers the worker, else 0.",
+        );
+        let _ = writeln!(
+            out,
+            "skyapi_etcd_up {}",
+            self.etcd_up.load(Ordering::Relaxed)
+        );
+
+        family(
+            &mut out,
+            "skyapi_worker_queue_depth",
+            "gauge",
+            "Commands waiting in the etcd worker's channel.",
+        );
+        let _ = writeln!(
+            out,
+            "skyapi_worker_queue_depth {}",
+            self.queue.load(Ordering::Relaxed).max(0)
+        );
+
+        family(
+            &mut out,
+            "skyapi_worker_pending_keys",
+            "gauge",
+            "Keys waiting to be written to or deleted from etcd.",
+        );
+        let _ = writeln!(
+            out,
+            "skyapi_worker_pending_keys {}",
+            self.pending_keys.load(Ordering::Relaxed)
+        );
+        out
+    }
+}
+
+/// A `Store` that counts and times every request of the one it wraps.
+pub struct Metered<S> {
+    pub inner: S,
+    pub metrics: std::sync::Arc<Metrics>,
+}
+
+impl<S: Store> Metered<S> {
+    fn timed<T>(
+        &mut self,
+        op: Op,
+        f: impl FnOnce(&mut S) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let started = Instant::now();
+        let r = f(&mut self.inner);
+        self.metrics.etcd_request(op, started, &r);
+        r
+    }
+}
+
+impl<S: Store> Store for Metered<S> {
+    fn grant(&mut self, ttl_secs: i64) -> Result<i64, StoreError> {
+        self.timed(Op::Grant, |s| s.grant(ttl_secs))
+    }
+    fn keep_alive(&mut self, lease: i64) -> Result<(), StoreError> {
+        self.timed(Op::KeepAlive, |s| s.keep_alive(lease))
+    }
+    fn revoke(&mut self, lease: i64) -> Result<(), StoreError> {
+        self.timed(Op::Revoke, |s| s.revoke(lease))
+    }
+    fn put(&mut self, kvs: &[(String, String)], lease: i64) -> Result<(), StoreError> {
+        self.timed(Op::Put, |s| s.put(kvs, lease))
+    }
+    fn delete_owned(&mut self, keys: &[String], lease: i64) -> Result<(), StoreError> {
+        self.timed(Op::Delete, |s| s.delete_owned(keys, lease))
+    }
+    fn list(&mut self, dir: &str) -> Result<Vec<StoredKv>, StoreError> {
+        self.timed(Op::Range, |s| s.list(dir))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rules `promtool check metrics` applies that a writer can break:
+    /// every sample belongs to a family with HELP and TYPE, counters end in
+    /// `_total`, histogram buckets are cumulative and end with `+Inf`.
+    #[test]
+    fn exposition_is_well_formed() {
+        let m = Metrics::default();
+        m.registration(Registration::Stored);
+        m.removal(Removal::PingTimeout);
+        m.etcd_latency[3].observe(0.003);
+        m.etcd_latency[3].observe(7.0);
+        let text = m.render();
+        let mut typed = std::collections::HashMap::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                assert!(typed.insert(name.to_string(), kind.to_string()).is_none());
+                if kind == "counter" {
+                    assert!(name.ends_with("_total"), "{name}");
+                }
+                continue;
+            }
+            if line.starts_with('#') {
+                assert!(line.starts_with("# HELP "), "{line}");
+                continue;
+            }
+            let name = line.split(['{', ' ']).next().unwrap();
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| {
+                    name.strip_suffix(s)
+                        .filter(|f| typed.get(*f).is_some_and(|k| k == "histogram"))
+                })
+                .unwrap_or(name);
+            assert!(typed.contains_key(family), "sample without TYPE: {line}");
+            let value = line.rsplit(' ').next().unwrap();
+            value
+                .parse::<f64>()
+                .unwrap_or_else(|_| panic!("bad value: {line}"));
+        }
+        assert!(text.contains("skyapi_registrations_total{outcome=\"stored\"} 1"));
+        assert!(text.contains("skyapi_removals_total{reason=\"ping_timeout\"} 1"));
+        assert!(
+            text.contains("skyapi_etcd_request_duration_seconds_bucket{op=\"put\",le=\"0.005\"} 1")
+        );
+        assert!(
+            text.contains("skyapi_etcd_request_duration_seconds_bucket{op=\"put\",le=\"+Inf\"} 2")
+        );
+        assert!(text.contains("skyapi_etcd_request_duration_seconds_count{op=\"put\"} 2"));
+    }
+}
