@@ -8,6 +8,7 @@
 
 use std::ffi::OsString;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use log::LevelFilter;
@@ -24,7 +25,9 @@ pub const MAX_TIMEOUT_SECS: u64 = 86_400;
 pub const USAGE: &str = "\
 skyapi: keeps SkyDNS entries in etcd v3 alive while processes hold a websocket
 
-usage: skyapi [FLAGS]
+usage: skyapi [FLAGS]                 run the server
+       skyapi provide [FLAGS]         hold a registration for a local process
+                                      (see skyapi provide --help)
 
   --listen-addr ADDR        where /provide and the HTTP endpoints are served
                             (default :8053, all interfaces, IPv4 and IPv6)
@@ -35,22 +38,60 @@ usage: skyapi [FLAGS]
                             a silent client is tolerated (default 30, min 2)
   --default-category NAME   category when a client names none (default services)
   --etcd-prefix PATH        SkyDNS's path prefix in etcd (default /skydns)
-  --max-connections N       open connections beyond which upgrades get 503
+  --etcd-user NAME          etcd user (NAME:PASSWORD also accepted)
+  --etcd-password PASS      etcd password; better: SKYAPI_ETCD_PASSWORD
+  --etcd-cacert FILE        CA bundle to verify etcd's certificate (https://)
+  --etcd-cert FILE          client certificate for etcd (with --etcd-key)
+  --etcd-key FILE           client key for etcd
+  --token-file FILE         require bearer tokens on /provide; lines are
+                            TOKEN SERVICE-GLOB[,GLOB...]; re-read on SIGHUP
+  --tls-cert FILE           serve wss:// and https:// with this certificate chain
+  --tls-key FILE            ... and this private key (PEM)
+  --host-must-match-peer    refuse a host= other than the peer's own address
+  --max-connections N       open connections beyond which new ones get 503
                             (default 10000)
   --log-level LEVEL         error, warn, info, debug or trace (default info)
   --etcd-pool-size N        accepted and ignored, as in the original skyapi
   -h, --help                this text
   -V, --version             the version
 
+Every flag may also come from the environment as SKYAPI_<FLAG>, e.g.
+SKYAPI_ETCD_API or SKYAPI_HOST_MUST_MATCH_PEER=1; the command line wins.
+
 Clients: ws://HOST:8053/provide?service=foo&port=9999[&host=H][&priority=N]
          [&weight=N][&category=a,b][&prefix=P][&ttl=SECS]
+";
+
+pub const PROVIDE_USAGE: &str = "\
+skyapi provide: holds a registration on a skyapi server for a local process,
+reconnecting forever (exponential backoff with jitter, capped at 30 s).
+
+usage: skyapi provide --server ws://HOST:8053 --service NAME --port N [FLAGS]
+
+  --server URL[,URL...]     skyapi servers (ws:// or wss://), tried in turn
+  --service NAME            the service name
+  --port N                  the service's port
+  --host H                  advertised host (default: the address skyapi sees)
+  --priority N, --weight N, --category A[,B], --prefix P, --ttl SECS
+                            as the /provide parameters of the same names
+  --check URL               register only while it passes: tcp://HOST:PORT
+                            (connects) or http://HOST:PORT/PATH (answers 2xx)
+  --interval SECS           ping and check period (default 10)
+  --token TOKEN             bearer token for a server with --token-file;
+                            better: SKYAPI_TOKEN
+  --log-level LEVEL         error, warn, info, debug or trace (default info)
+
+SIGTERM or SIGINT closes the connection cleanly (the entry goes at once) and
+exits 0. Flags may come from the environment as SKYAPI_<FLAG> too.
 ";
 
 /// What the command line asks for.
 #[derive(Debug)]
 pub enum Command {
     Serve(Config),
+    Provide(SidecarConfig),
     Help,
+    ProvideHelp,
     Version,
 }
 
@@ -59,66 +100,182 @@ pub enum Command {
 pub struct Config {
     /// Addresses to try binding, in order; the first that binds is used.
     pub listen: Vec<SocketAddr>,
-    pub etcd_endpoints: Vec<String>,
+    pub etcd: EtcdConfig,
     pub layout: Layout,
     pub timeout: Duration,
     pub log_level: LevelFilter,
     pub max_connections: usize,
+    pub token_file: Option<PathBuf>,
+    /// Certificate chain and key files for wss://.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub host_must_match_peer: bool,
 }
 
-/// Parses `args` (without the program name).
-pub fn parse(args: Vec<OsString>) -> Result<Command, ConfigError> {
-    let args = args.into_iter().map(go_style_flag).collect();
-    let mut p = pico_args::Arguments::from_vec(args);
-    if p.contains(["-h", "--help"]) {
+/// How to reach etcd.
+#[derive(Clone, Default)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<String>,
+    /// User and password for etcd's authentication.
+    pub user: Option<(String, String)>,
+    /// PEM of the CA that signs etcd's certificate.
+    pub ca: Option<Vec<u8>>,
+    /// PEM client certificate and key.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for EtcdConfig {
+    // Never prints the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdConfig")
+            .field("endpoints", &self.endpoints)
+            .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .field("ca", &self.ca.is_some())
+            .field("identity", &self.identity.is_some())
+            .finish()
+    }
+}
+
+/// A validated `skyapi provide` configuration.
+#[derive(Clone)]
+pub struct SidecarConfig {
+    /// Base URLs (`ws://host:port`), tried in turn.
+    pub servers: Vec<String>,
+    /// The `/provide` query string, parameters already validated.
+    pub query: String,
+    pub service: String,
+    pub check: Option<Check>,
+    pub interval: Duration,
+    pub token: Option<String>,
+    pub log_level: LevelFilter,
+}
+
+impl std::fmt::Debug for SidecarConfig {
+    // Never prints the token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SidecarConfig")
+            .field("servers", &self.servers)
+            .field("query", &self.query)
+            .field("check", &self.check)
+            .field("interval", &self.interval)
+            .finish()
+    }
+}
+
+/// A local health check for the sidecar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    /// Passes when a TCP connection to `host:port` succeeds.
+    Tcp(String),
+    /// Passes when `GET path` on `host:port` answers 2xx.
+    Http { addr: String, path: String },
+}
+
+/// Reads a variable of the environment; a parameter so tests control it.
+pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// Parses `args` (without the program name), with `SKYAPI_<FLAG>` from `env`
+/// as fallback for every flag.
+pub fn parse(args: Vec<OsString>, env: Env) -> Result<Command, ConfigError> {
+    let mut args: Vec<OsString> = args.into_iter().map(go_style_flag).collect();
+    if args.first().is_some_and(|a| a == "provide") {
+        args.remove(0);
+        return parse_provide(args, env);
+    }
+    let mut f = Flags::new(args, env);
+    if f.p.contains(["-h", "--help"]) {
         return Ok(Command::Help);
     }
-    if p.contains(["-V", "--version"]) {
+    if f.p.contains(["-V", "--version"]) {
         return Ok(Command::Version);
     }
 
-    let listen = opt(&mut p, "--listen-addr")?.unwrap_or_else(|| ":8053".into());
-    let mut etcd = Vec::new();
-    for v in p
-        .values_from_str::<_, String>("--etcd-api")
-        .map_err(|e| flag_error("--etcd-api", e))?
-    {
-        etcd.extend(v.split(',').map(str::trim).map(String::from));
-    }
+    let listen = f.value("--listen-addr")?.unwrap_or_else(|| ":8053".into());
+    let mut etcd = f.values("--etcd-api")?;
     if etcd.is_empty() {
         etcd.push("http://127.0.0.1:2379".into());
     }
-    let dns_root = opt(&mut p, "--dns-root")?.unwrap_or_else(|| "skydns.local.".into());
-    let timeout = opt(&mut p, "--timeout")?.unwrap_or_else(|| "30".into());
-    let category = opt(&mut p, "--default-category")?.unwrap_or_else(|| "services".into());
-    let prefix = opt(&mut p, "--etcd-prefix")?.unwrap_or_else(|| "/skydns".into());
-    let log_level = opt(&mut p, "--log-level")?.unwrap_or_else(|| "info".into());
-    let max_conns = opt(&mut p, "--max-connections")?.unwrap_or_else(|| "10000".into());
+    let dns_root = f
+        .value("--dns-root")?
+        .unwrap_or_else(|| "skydns.local.".into());
+    let timeout = f.value("--timeout")?.unwrap_or_else(|| "30".into());
+    let category = f
+        .value("--default-category")?
+        .unwrap_or_else(|| "services".into());
+    let prefix = f
+        .value("--etcd-prefix")?
+        .unwrap_or_else(|| "/skydns".into());
+    let log_level = f.value("--log-level")?.unwrap_or_else(|| "info".into());
+    let max_conns = f
+        .value("--max-connections")?
+        .unwrap_or_else(|| "10000".into());
+    let etcd_user = f.value("--etcd-user")?;
+    let etcd_password = f.value("--etcd-password")?;
+    let etcd_cacert = f.value("--etcd-cacert")?;
+    let etcd_cert = f.value("--etcd-cert")?;
+    let etcd_key = f.value("--etcd-key")?;
+    let token_file = f.value("--token-file")?;
+    let tls_cert = f.value("--tls-cert")?;
+    let tls_key = f.value("--tls-key")?;
+    let host_must_match_peer = f.switch("--host-must-match-peer")?;
     // Accepted for compatibility with the original; a single client serves.
-    let _pool_size = opt(&mut p, "--etcd-pool-size")?;
+    let _pool_size = f.value("--etcd-pool-size")?;
+    f.finish()?;
 
-    let rest = p.finish();
-    if let Some(first) = rest.first() {
-        return Err(ConfigError(format!(
-            "unknown argument {:?} (see --help)",
-            first.to_string_lossy()
-        )));
+    let timeout_secs = timeout_secs(&timeout)?;
+    let endpoints: Vec<String> = etcd.iter().map(|e| endpoint(e)).collect::<Result<_, _>>()?;
+    let user = match (etcd_user, etcd_password) {
+        (None, None) => None,
+        (None, Some(_)) => {
+            return Err(ConfigError(
+                "--etcd-password: given without --etcd-user".into(),
+            ))
+        }
+        (Some(u), Some(p)) => Some((u, p)),
+        (Some(u), None) => match u.split_once(':') {
+            Some((u, p)) => Some((u.to_string(), p.to_string())),
+            None => {
+                return Err(ConfigError(format!(
+                "--etcd-user: no password for {u:?}: set SKYAPI_ETCD_PASSWORD or use NAME:PASSWORD"
+            )))
+            }
+        },
+    };
+    let identity = match (etcd_cert, etcd_key) {
+        (None, None) => None,
+        (Some(c), Some(k)) => Some((read_file("--etcd-cert", &c)?, read_file("--etcd-key", &k)?)),
+        _ => return Err(ConfigError("--etcd-cert and --etcd-key go together".into())),
+    };
+    let ca = etcd_cacert
+        .map(|c| read_file("--etcd-cacert", &c))
+        .transpose()?;
+    if (ca.is_some() || identity.is_some()) && !endpoints.iter().all(|e| e.starts_with("https://"))
+    {
+        return Err(ConfigError(
+            "--etcd-api: TLS options need https:// endpoints".into(),
+        ));
     }
-
-    let timeout_secs: u64 = timeout.parse().map_err(|_| {
-        ConfigError(format!(
-            "--timeout: {timeout:?} is not a whole number of seconds"
-        ))
-    })?;
-    if !(MIN_TIMEOUT_SECS..=MAX_TIMEOUT_SECS).contains(&timeout_secs) {
-        return Err(ConfigError(format!(
-            "--timeout: {timeout_secs} is outside {MIN_TIMEOUT_SECS}..{MAX_TIMEOUT_SECS} (etcd's minimum lease TTL is 2 s)"
-        )));
+    let tls = match (tls_cert, tls_key) {
+        (None, None) => None,
+        (Some(c), Some(k)) => {
+            // Read now so a bad path fails before any socket is bound.
+            read_file("--tls-cert", &c)?;
+            read_file("--tls-key", &k)?;
+            Some((PathBuf::from(c), PathBuf::from(k)))
+        }
+        _ => return Err(ConfigError("--tls-cert and --tls-key go together".into())),
+    };
+    if let Some(t) = &token_file {
+        read_file("--token-file", t)?;
     }
 
     Ok(Command::Serve(Config {
         listen: listen_addrs(&listen)?,
-        etcd_endpoints: etcd.iter().map(|e| endpoint(e)).collect::<Result<_, _>>()?,
+        etcd: EtcdConfig {
+            endpoints,
+            user,
+            ca,
+            identity,
+        },
         layout: Layout {
             etcd_prefix: etcd_prefix(&prefix)?,
             root: dns_root_labels(&dns_root)?,
@@ -130,21 +287,172 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, ConfigError> {
             default_ttl: timeout_secs as u32,
         },
         timeout: Duration::from_secs(timeout_secs),
-        log_level: log_level.parse().map_err(|_| {
-            ConfigError(format!(
-                "--log-level: {log_level:?} is not one of error, warn, info, debug, trace"
-            ))
-        })?,
+        log_level: log_level_of(&log_level)?,
         max_connections: max_conns.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
             ConfigError(format!(
                 "--max-connections: {max_conns:?} is not a positive number"
             ))
         })?,
+        token_file: token_file.map(PathBuf::from),
+        tls,
+        host_must_match_peer,
     }))
 }
 
-fn opt(p: &mut pico_args::Arguments, flag: &'static str) -> Result<Option<String>, ConfigError> {
-    p.opt_value_from_str(flag).map_err(|e| flag_error(flag, e))
+fn parse_provide(args: Vec<OsString>, env: Env) -> Result<Command, ConfigError> {
+    let mut f = Flags::new(args, env);
+    if f.p.contains(["-h", "--help"]) {
+        return Ok(Command::ProvideHelp);
+    }
+    let servers = f.values("--server")?;
+    let mut query = Vec::new();
+    let service = f
+        .value("--service")?
+        .ok_or_else(|| ConfigError("--service: required".into()))?;
+    let service = label("service", &service).map_err(|e| ConfigError(format!("--service: {e}")))?;
+    query.push(format!("service={service}"));
+    let port = f
+        .value("--port")?
+        .ok_or_else(|| ConfigError("--port: required".into()))?;
+    number_flag("--port", &port, 1, 65535)?;
+    query.push(format!("port={port}"));
+    for (flag, param) in [
+        ("--host", "host"),
+        ("--priority", "priority"),
+        ("--weight", "weight"),
+        ("--category", "category"),
+        ("--prefix", "prefix"),
+        ("--ttl", "ttl"),
+    ] {
+        if let Some(v) = f.value(flag)? {
+            query.push(format!("{param}={}", percent_encode(&v)));
+        }
+    }
+    let check = f.value("--check")?.map(|c| check(&c)).transpose()?;
+    let interval = f.value("--interval")?.unwrap_or_else(|| "10".into());
+    let interval = number_flag("--interval", &interval, 1, 3600)?;
+    let token = f.value("--token")?;
+    let log_level = f.value("--log-level")?.unwrap_or_else(|| "info".into());
+    f.finish()?;
+
+    if servers.is_empty() {
+        return Err(ConfigError(
+            "--server: required, e.g. ws://127.0.0.1:8053".into(),
+        ));
+    }
+    let servers = servers
+        .iter()
+        .map(|s| {
+            let base = s.trim_end_matches('/');
+            let rest = base
+                .strip_prefix("ws://")
+                .or_else(|| base.strip_prefix("wss://"))
+                .ok_or_else(|| {
+                    ConfigError(format!("--server: {s:?} must be a ws:// or wss:// URL"))
+                })?;
+            if rest.is_empty() || rest.contains('/') {
+                return Err(ConfigError(format!(
+                    "--server: {s:?} must be ws://HOST:PORT without a path"
+                )));
+            }
+            Ok(base.to_string())
+        })
+        .collect::<Result<_, _>>()?;
+    // Validate the parameters the way the server will, so a typo fails here
+    // and not on every reconnect.
+    let q = query.join("&");
+    let probe_layout = Layout {
+        etcd_prefix: "/skydns".into(),
+        root: vec!["local".into()],
+        default_category: vec!["services".into()],
+        default_ttl: 30,
+    };
+    crate::provide::parse(&q, std::net::Ipv4Addr::LOCALHOST.into(), &probe_layout)
+        .map_err(|e| ConfigError(format!("provide: {e}")))?;
+    Ok(Command::Provide(SidecarConfig {
+        servers,
+        query: q,
+        service,
+        check,
+        interval: Duration::from_secs(interval),
+        token,
+        log_level: log_level_of(&log_level)?,
+    }))
+}
+
+/// The command line, with `SKYAPI_<FLAG>` as the fallback of every flag.
+struct Flags<'a> {
+    p: pico_args::Arguments,
+    env: Env<'a>,
+}
+
+impl<'a> Flags<'a> {
+    fn new(args: Vec<OsString>, env: Env<'a>) -> Self {
+        Flags {
+            p: pico_args::Arguments::from_vec(args),
+            env,
+        }
+    }
+
+    fn env_var(&self, flag: &str) -> Option<String> {
+        let name = format!(
+            "SKYAPI_{}",
+            flag.trim_start_matches('-')
+                .replace('-', "_")
+                .to_ascii_uppercase()
+        );
+        (self.env)(&name).filter(|v| !v.is_empty())
+    }
+
+    fn value(&mut self, flag: &'static str) -> Result<Option<String>, ConfigError> {
+        let v: Option<String> = self
+            .p
+            .opt_value_from_str(flag)
+            .map_err(|e| flag_error(flag, e))?;
+        Ok(v.or_else(|| self.env_var(flag)))
+    }
+
+    /// A repeatable flag whose values may also be comma-separated.
+    fn values(&mut self, flag: &'static str) -> Result<Vec<String>, ConfigError> {
+        let mut raw: Vec<String> = self
+            .p
+            .values_from_str(flag)
+            .map_err(|e| flag_error(flag, e))?;
+        if raw.is_empty() {
+            raw.extend(self.env_var(flag));
+        }
+        Ok(raw
+            .iter()
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(String::from)
+            .collect())
+    }
+
+    fn switch(&mut self, flag: &'static str) -> Result<bool, ConfigError> {
+        if self.p.contains(flag) {
+            return Ok(true);
+        }
+        match self.env_var(flag).as_deref() {
+            None | Some("0") | Some("false") | Some("no") => Ok(false),
+            Some("1") | Some("true") | Some("yes") => Ok(true),
+            Some(other) => Err(ConfigError(format!(
+                "{flag}: environment value {other:?} is not 1/true/yes or 0/false/no"
+            ))),
+        }
+    }
+
+    fn finish(self) -> Result<(), ConfigError> {
+        let rest = self.p.finish();
+        match rest.first() {
+            Some(first) => Err(ConfigError(format!(
+                "unknown argument {:?} (see --help)",
+                first.to_string_lossy()
+            ))),
+            None => Ok(()),
+        }
+    }
 }
 
 fn flag_error(flag: &str, e: pico_args::Error) -> ConfigError {
@@ -152,6 +460,86 @@ fn flag_error(flag: &str, e: pico_args::Error) -> ConfigError {
         pico_args::Error::OptionWithoutAValue(_) => ConfigError(format!("{flag}: needs a value")),
         other => ConfigError(format!("{flag}: {other}")),
     }
+}
+
+fn timeout_secs(raw: &str) -> Result<u64, ConfigError> {
+    let secs: u64 = raw.parse().map_err(|_| {
+        ConfigError(format!(
+            "--timeout: {raw:?} is not a whole number of seconds"
+        ))
+    })?;
+    if !(MIN_TIMEOUT_SECS..=MAX_TIMEOUT_SECS).contains(&secs) {
+        return Err(ConfigError(format!(
+            "--timeout: {secs} is outside {MIN_TIMEOUT_SECS}..{MAX_TIMEOUT_SECS} (etcd's minimum lease TTL is 2 s)"
+        )));
+    }
+    Ok(secs)
+}
+
+fn number_flag(flag: &str, raw: &str, min: u64, max: u64) -> Result<u64, ConfigError> {
+    raw.parse::<u64>()
+        .ok()
+        .filter(|n| (min..=max).contains(n))
+        .ok_or_else(|| ConfigError(format!("{flag}: {raw:?} is not a number in {min}..{max}")))
+}
+
+fn log_level_of(raw: &str) -> Result<LevelFilter, ConfigError> {
+    raw.parse().map_err(|_| {
+        ConfigError(format!(
+            "--log-level: {raw:?} is not one of error, warn, info, debug, trace"
+        ))
+    })
+}
+
+fn read_file(flag: &str, path: &str) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|e| ConfigError(format!("{flag}: cannot read {path:?}: {e}")))
+}
+
+fn check(raw: &str) -> Result<Check, ConfigError> {
+    let bad = || {
+        ConfigError(format!(
+            "--check: {raw:?} is not tcp://HOST:PORT or http://HOST:PORT/PATH"
+        ))
+    };
+    if let Some(addr) = raw.strip_prefix("tcp://") {
+        if addr.is_empty() || addr.contains('/') || !addr.contains(':') {
+            return Err(bad());
+        }
+        return Ok(Check::Tcp(addr.to_string()));
+    }
+    if let Some(rest) = raw.strip_prefix("http://") {
+        let (addr, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        if addr.is_empty() {
+            return Err(bad());
+        }
+        let addr = if addr.contains(':') && !addr.ends_with(']') {
+            addr.to_string()
+        } else {
+            format!("{addr}:80")
+        };
+        return Ok(Check::Http {
+            addr,
+            path: path.to_string(),
+        });
+    }
+    Err(bad())
+}
+
+/// Escapes what may not stand raw in a query value. Sidecar values are
+/// labels, numbers and hosts, so this is only belt and braces.
+fn percent_encode(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.:,".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Go's flag package takes `-name`; pico-args wants `--name`. Short flags
@@ -241,7 +629,7 @@ mod tests {
     use super::*;
 
     fn serve(args: &[&str]) -> Result<Config, ConfigError> {
-        match parse(args.iter().map(OsString::from).collect())? {
+        match parse(args.iter().map(OsString::from).collect(), &|_| None)? {
             Command::Serve(c) => Ok(c),
             other => panic!("{other:?}"),
         }
@@ -251,7 +639,7 @@ mod tests {
     fn defaults_match_the_original() {
         let c = serve(&[]).unwrap();
         assert_eq!(c.listen[0].to_string(), "[::]:8053");
-        assert_eq!(c.etcd_endpoints, vec!["http://127.0.0.1:2379"]);
+        assert_eq!(c.etcd.endpoints, vec!["http://127.0.0.1:2379"]);
         assert_eq!(c.layout.root_dir(), "/skydns/local/skydns/");
         assert_eq!(c.layout.root_name(), "skydns.local.");
         assert_eq!(c.layout.default_category, vec!["services"]);
@@ -276,7 +664,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.listen[0].to_string(), "127.0.0.1:0");
-        let mut endpoints = c.etcd_endpoints.clone();
+        let mut endpoints = c.etcd.endpoints.clone();
         endpoints.sort();
         assert_eq!(endpoints, vec!["http://a:1", "http://b:2", "https://c:3"]);
         assert_eq!(c.layout.root_dir(), "/skydns/com/turtles/");

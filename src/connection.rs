@@ -13,7 +13,7 @@
 //! - what a peer sends is bounded: the head by `http::MAX_HEAD`, frames and
 //!   messages by `MAX_MESSAGE`, the message rate by a token bucket.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
@@ -36,6 +36,8 @@ pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
 pub const MAX_MESSAGE: usize = 4 * 1024;
 /// A blocked write (a client that reads nothing) fails after this.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a closing connection waits for the client's close frame.
+const CLOSE_WAIT: Duration = Duration::from_millis(500);
 /// How long a new connection blocks waiting for its entry to be stored
 /// before it goes on to serve the socket (etcd slow or down).
 const ACK_FIRST_WAIT: Duration = Duration::from_secs(1);
@@ -56,25 +58,6 @@ pub fn ws_config() -> WebSocketConfig {
         .max_frame_size(Some(MAX_MESSAGE))
 }
 
-/// The stream shared between the connection thread and the shutdown path,
-/// which shuts its read half to wake a blocked read.
-pub struct SharedStream(pub Arc<TcpStream>);
-
-impl Read for SharedStream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        (&*self.0).read(buf)
-    }
-}
-
-impl Write for SharedStream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        (&*self.0).write(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        (&*self.0).flush()
-    }
-}
-
 /// A live registration, as `/services` lists it.
 #[derive(Debug, Clone)]
 pub struct Live {
@@ -92,7 +75,7 @@ pub struct Live {
 }
 
 /// Serves one accepted connection to its end.
-pub fn serve(shared: &Arc<Shared>, id: ConnId, stream: Arc<TcpStream>, peer: SocketAddr) {
+pub fn serve(shared: &Arc<Shared>, id: ConnId, stream: TcpStream, peer: SocketAddr) {
     // Best effort: a socket that cannot take a timeout is already broken and
     // its first write will say so.
     let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
@@ -186,7 +169,7 @@ impl Drop for Registered<'_> {
     }
 }
 
-fn provide(shared: &Arc<Shared>, id: ConnId, stream: Arc<TcpStream>, peer: SocketAddr, head: Head) {
+fn provide(shared: &Arc<Shared>, id: ConnId, stream: TcpStream, peer: SocketAddr, head: Head) {
     if let Err((status, why)) = http::accept_websocket(&stream, &head) {
         if status == 426 {
             // RFC 6455 4.4: tell the client which version we speak.
@@ -202,18 +185,19 @@ fn provide(shared: &Arc<Shared>, id: ConnId, stream: Arc<TcpStream>, peer: Socke
         }
         return;
     }
-    let mut ws = WebSocket::from_partially_read(
-        SharedStream(stream.clone()),
-        head.rest,
-        Role::Server,
-        Some(ws_config()),
-    );
+    let mut ws = WebSocket::from_partially_read(stream, head.rest, Role::Server, Some(ws_config()));
     let registration = match provide::parse(&head.query, peer_ip(&peer), &shared.layout) {
         Ok(r) => r,
         Err(refusal) => {
             info!("{peer}: refused /provide: {refusal}");
             shared.metrics.registration(metrics::Registration::Refused);
-            refuse(&mut ws, &stream, &format!("{refusal}"));
+            let reason = refusal.to_string();
+            close(
+                &mut ws,
+                CloseCode::Policy,
+                &reason,
+                Some(&format!("ERROR: {reason}")),
+            );
             return;
         }
     };
@@ -225,15 +209,7 @@ fn provide(shared: &Arc<Shared>, id: ConnId, stream: Arc<TcpStream>, peer: Socke
     let ack = shared.worker.register(id, &entry.key, &entry.value);
     let registered = Registered::new(shared, id, &registration, &entry, peer);
     let mut acked = false;
-    let ending = hold(
-        shared,
-        &mut ws,
-        &stream,
-        &entry,
-        ack,
-        &registered,
-        &mut acked,
-    );
+    let ending = hold(shared, &mut ws, &entry, ack, &registered, &mut acked);
     if acked {
         shared.metrics.removal(ending);
     } else {
@@ -249,18 +225,13 @@ fn provide(shared: &Arc<Shared>, id: ConnId, stream: Arc<TcpStream>, peer: Socke
     );
 }
 
-/// Sends `ERROR: <reason>` and a 1008 close, then waits briefly for the
-/// client's close so the frames are not lost to a reset.
-fn refuse(ws: &mut WebSocket<SharedStream>, stream: &TcpStream, reason: &str) {
-    let _ = ws.send(Message::Text(format!("ERROR: {reason}").into()));
-    close(ws, CloseCode::Policy, reason);
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-    // Drain until the client answers the close or the second passes; any
-    // error here means the connection is finished, which is the goal.
-    while ws.read().is_ok() {}
-}
-
-fn close(ws: &mut WebSocket<SharedStream>, code: CloseCode, reason: &str) {
+/// Sends a close frame (after `message`, if any) and waits up to
+/// `CLOSE_WAIT` for the client's answering close, so the frames reach the
+/// client instead of being lost to a reset when the socket is dropped.
+fn close(ws: &mut WebSocket<TcpStream>, code: CloseCode, reason: &str, message: Option<&str>) {
+    if let Some(m) = message {
+        let _ = ws.send(Message::Text(m.to_string().into()));
+    }
     // A close reason must fit a control frame (125 bytes with the code).
     let mut end = reason.len().min(120);
     while !reason.is_char_boundary(end) {
@@ -270,9 +241,22 @@ fn close(ws: &mut WebSocket<SharedStream>, code: CloseCode, reason: &str) {
         code,
         reason: reason[..end].to_string().into(),
     };
-    // Errors mean the peer is gone already; the caller ends the connection.
+    // Errors below mean the peer is gone already, which is where we are
+    // heading anyway.
     let _ = ws.close(Some(frame));
     let _ = ws.flush();
+    let deadline = Instant::now() + CLOSE_WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || ws.get_ref().set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match ws.read() {
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
 }
 
 /// The liveness loop: pings, reads (and discards) client frames, tells the
@@ -280,8 +264,7 @@ fn close(ws: &mut WebSocket<SharedStream>, code: CloseCode, reason: &str) {
 /// ended.
 fn hold(
     shared: &Shared,
-    ws: &mut WebSocket<SharedStream>,
-    stream: &TcpStream,
+    ws: &mut WebSocket<TcpStream>,
     entry: &Entry,
     ack: Receiver<Ack>,
     registered: &Registered,
@@ -298,7 +281,7 @@ fn hold(
 
     loop {
         if shared.is_shutting_down() {
-            close(ws, CloseCode::Away, "skyapi shutting down");
+            close(ws, CloseCode::Away, "skyapi shutting down", None);
             return Removal::Shutdown;
         }
         if !*acked {
@@ -332,12 +315,12 @@ fn hold(
                     info!("registered {} ({})", entry.name, entry.key);
                 }
                 Ok(Err(why)) => {
-                    close(ws, CloseCode::Away, &why);
+                    close(ws, CloseCode::Away, &why, None);
                     return Removal::Shutdown;
                 }
                 Err(TryRecvError::Empty) => {}
                 Err(TryRecvError::Disconnected) => {
-                    close(ws, CloseCode::Away, "skyapi shutting down");
+                    close(ws, CloseCode::Away, "skyapi shutting down", None);
                     return Removal::Shutdown;
                 }
             }
@@ -367,7 +350,7 @@ fn hold(
         }
         let wait = wait.max(Duration::from_millis(1));
         if current_timeout != Some(wait) {
-            if stream.set_read_timeout(Some(wait)).is_err() {
+            if ws.get_ref().set_read_timeout(Some(wait)).is_err() {
                 return Removal::Error;
             }
             current_timeout = Some(wait);
@@ -388,7 +371,7 @@ fn hold(
                         tokens = (tokens + elapsed * MSG_RATE).min(MSG_BURST) - 1.0;
                         if tokens < 0.0 {
                             warn!("{}: client floods messages: closing", entry.key);
-                            close(ws, CloseCode::Policy, "too many messages");
+                            close(ws, CloseCode::Policy, "too many messages", None);
                             return Removal::Error;
                         }
                     }
@@ -396,10 +379,13 @@ fn hold(
                     _ => {}
                 }
             }
-            Err(tungstenite::Error::Io(e)) if http::is_timeout(&e) => {}
+            // A timeout is the moment to ping or give up (loop top); an
+            // interruption is shutdown waking us (loop top, too).
+            Err(tungstenite::Error::Io(e))
+                if http::is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 if shared.is_shutting_down() {
-                    close(ws, CloseCode::Away, "skyapi shutting down");
+                    close(ws, CloseCode::Away, "skyapi shutting down", None);
                     return Removal::Shutdown;
                 }
                 return match e {
@@ -408,7 +394,7 @@ fn hold(
                     }
                     tungstenite::Error::Capacity(c) => {
                         warn!("{}: {c}: closing", entry.key);
-                        close(ws, CloseCode::Size, "message too big");
+                        close(ws, CloseCode::Size, "message too big", None);
                         Removal::Error
                     }
                     tungstenite::Error::Protocol(
@@ -416,7 +402,7 @@ fn hold(
                     ) => Removal::Close,
                     tungstenite::Error::Protocol(p) => {
                         info!("{}: protocol error: {p}: closing", entry.key);
-                        close(ws, CloseCode::Protocol, "protocol error");
+                        close(ws, CloseCode::Protocol, "protocol error", None);
                         Removal::Error
                     }
                     other => {

@@ -14,12 +14,13 @@ use std::future::Future;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaseKeepAliveStream, LeaseKeeper,
-    PutOptions, Txn, TxnOp,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity,
+    LeaseKeepAliveStream, LeaseKeeper, PutOptions, TlsOptions, Txn, TxnOp,
 };
 use tokio::runtime::Runtime;
 use tonic::Code;
 
+use crate::config::EtcdConfig;
 use crate::error::StoreError;
 use crate::worker::{Store, StoredKv};
 
@@ -30,19 +31,19 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
 
 pub struct EtcdStore {
     rt: Runtime,
-    endpoints: Vec<String>,
+    config: EtcdConfig,
     client: Option<Client>,
     keeper: Option<(i64, LeaseKeeper, LeaseKeepAliveStream)>,
 }
 
 impl EtcdStore {
-    pub fn new(endpoints: Vec<String>) -> std::io::Result<Self> {
+    pub fn new(config: EtcdConfig) -> std::io::Result<Self> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         Ok(EtcdStore {
             rt,
-            endpoints,
+            config,
             client: None,
             keeper: None,
         })
@@ -73,10 +74,27 @@ impl EtcdStore {
         if let Some(c) = &self.client {
             return Ok(c.clone());
         }
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
             .with_timeout(REQUEST_TIMEOUT);
-        let endpoints = self.endpoints.clone();
+        if let Some((user, password)) = &self.config.user {
+            // etcd's simple tokens expire (5 minutes by default): have the
+            // client authenticate again when etcd calls the token invalid.
+            options = options
+                .with_user(user.clone(), password.clone())
+                .with_auto_token_refresh(true);
+        }
+        if self.config.ca.is_some() || self.config.identity.is_some() {
+            let mut tls = TlsOptions::new();
+            if let Some(ca) = &self.config.ca {
+                tls = tls.ca_certificate(Certificate::from_pem(ca));
+            }
+            if let Some((cert, key)) = &self.config.identity {
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            options = options.with_tls(tls);
+        }
+        let endpoints = self.config.endpoints.clone();
         let connected = self.rt.block_on(async {
             tokio::time::timeout(
                 CONNECT_TIMEOUT + REQUEST_TIMEOUT,

@@ -11,6 +11,7 @@
 //! - `endpoints`: `/healthz`, `/metrics`, `/services`;
 //! - `metrics`: counters and the Prometheus text writer;
 //! - `server`: listener, accept loop, signals and shutdown;
+//! - `sidecar`: `skyapi provide`, the reconnecting client;
 //! - `error`: the error types of each boundary.
 
 pub mod config;
@@ -22,4 +23,5 @@ pub mod http;
 pub mod metrics;
 pub mod provide;
 pub mod server;
+pub mod sidecar;
 pub mod worker;

@@ -14,7 +14,7 @@
 //!   still release the registration and the connection slot.
 
 use std::collections::HashMap;
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -37,6 +37,8 @@ pub const CONN_STACK: usize = 128 * 1024;
 const REVOKE_WAIT: Duration = Duration::from_secs(3);
 /// How long connection threads get to send their close frames.
 const DRAIN_WAIT: Duration = Duration::from_millis(1500);
+/// Interrupts connection threads at shutdown (see `Shared::threads`).
+const WAKE_SIGNAL: i32 = signal_hook::consts::SIGUSR2;
 
 /// State every connection thread sees.
 pub struct Shared {
@@ -51,8 +53,10 @@ pub struct Shared {
     shutting_down: AtomicBool,
     open: AtomicUsize,
     next_id: AtomicU64,
-    /// Open connections, so shutdown can wake their blocked reads.
-    streams: Mutex<HashMap<ConnId, Arc<TcpStream>>>,
+    /// Threads of open connections, so shutdown can interrupt their
+    /// blocked reads with `WAKE_SIGNAL`. A thread removes itself (under the
+    /// lock) before it exits, so a listed thread is always alive.
+    threads: Mutex<HashMap<ConnId, libc::pthread_t>>,
 }
 
 impl Shared {
@@ -62,6 +66,22 @@ impl Shared {
 
     pub fn open_connections(&self) -> usize {
         self.open.load(Ordering::SeqCst)
+    }
+
+    fn threads(&self) -> MutexGuard<'_, HashMap<ConnId, libc::pthread_t>> {
+        self.threads.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Interrupts every connection thread's blocking read or write, so it
+    /// looks at the shutdown flag now rather than at its next timeout.
+    fn wake_connections(&self) {
+        for thread in self.threads().values() {
+            // SAFETY: listed threads are alive (see `threads`); the signal
+            // has a no-op handler, installed in `run`.
+            unsafe {
+                libc::pthread_kill(*thread, WAKE_SIGNAL);
+            }
+        }
     }
 
     pub fn live_registrations(&self) -> MutexGuard<'_, HashMap<ConnId, Live>> {
@@ -79,11 +99,7 @@ struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.shared
-            .streams
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.id);
+        self.shared.threads().remove(&self.id);
         self.shared.open.fetch_sub(1, Ordering::SeqCst);
     }
 }
@@ -92,14 +108,23 @@ impl Drop for Slot {
 pub fn run(config: Config) -> Result<(), String> {
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    // A handler that does nothing but exist: delivering the signal makes a
+    // blocked read or write fail with EINTR (sockets with timeouts are never
+    // restarted), which is how shutdown reaches connection threads.
+    signal_hook::flag::register(WAKE_SIGNAL, Arc::new(AtomicBool::new(false)))
+        .map_err(|e| format!("cannot install the wake-up handler: {e}"))?;
     raise_fd_limit();
+    // Threads started from here on inherit a mask blocking the process-wide
+    // signals, so the kernel delivers those to this thread only: a SIGTERM
+    // never interrupts a connection's socket call halfway.
+    mask_signals(libc::SIG_BLOCK);
 
     let listener = bind(&config.listen)?;
     let local = listener
         .local_addr()
         .map_err(|e| format!("listener has no address: {e}"))?;
 
-    let store = EtcdStore::new(config.etcd_endpoints.clone())
+    let store = EtcdStore::new(config.etcd.clone())
         .map_err(|e| format!("cannot start the etcd worker's runtime: {e}"))?;
     let metrics = Arc::new(Metrics::default());
     let store = Metered {
@@ -125,7 +150,7 @@ pub fn run(config: Config) -> Result<(), String> {
         shutting_down: AtomicBool::new(false),
         open: AtomicUsize::new(0),
         next_id: AtomicU64::new(1),
-        streams: Mutex::new(HashMap::new()),
+        threads: Mutex::new(HashMap::new()),
     });
 
     let listener = Arc::new(listener);
@@ -139,11 +164,12 @@ pub fn run(config: Config) -> Result<(), String> {
     };
     info!(
         "listening on {local} (etcd {}, root {}, timeout {}s)",
-        config.etcd_endpoints.join(","),
+        config.etcd.endpoints.join(","),
         config.layout.root_name(),
         config.timeout.as_secs()
     );
 
+    mask_signals(libc::SIG_UNBLOCK);
     let signal = signals.forever().next().unwrap_or(SIGTERM);
     let started = Instant::now();
     info!(
@@ -167,18 +193,13 @@ pub fn run(config: Config) -> Result<(), String> {
     if !shared.worker.shutdown(REVOKE_WAIT) {
         warn!("etcd worker did not stop in time: entries expire with the lease");
     }
-    for stream in shared
-        .streams
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .values()
-    {
-        // Wakes the connection thread's read; it then sends its 1001 close.
-        let _ = stream.shutdown(Shutdown::Read);
-    }
+    // Each woken thread sends its 1001 close and waits briefly for the
+    // answer. Waking again every 100 ms covers a thread that was between its
+    // flag check and its read when the first signal came.
     let deadline = Instant::now() + DRAIN_WAIT;
     while shared.open_connections() > 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
+        shared.wake_connections();
+        std::thread::sleep(Duration::from_millis(100));
     }
     if worker_thread.is_finished() {
         let _ = worker_thread.join();
@@ -217,6 +238,9 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
                 if shared.is_shutting_down() {
                     return;
                 }
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
                 // EMFILE and friends: the condition passes when connections
                 // close; spinning on it would only burn a core.
                 error!("accept failed: {e}; retrying");
@@ -241,12 +265,6 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
             continue;
         }
         let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
-        let stream = Arc::new(stream);
-        shared
-            .streams
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, stream.clone());
         let slot = Slot {
             shared: shared.clone(),
             id,
@@ -256,6 +274,8 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
             .stack_size(CONN_STACK)
             .spawn(move || {
                 let shared = slot.shared.clone();
+                // SAFETY: pthread_self has no preconditions.
+                shared.threads().insert(id, unsafe { libc::pthread_self() });
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     connection::serve(&shared, id, stream, peer)
                 }));
@@ -269,6 +289,20 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
             error!("cannot start a thread for {peer}: {e}");
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+}
+
+/// Blocks or unblocks SIGTERM, SIGINT and SIGHUP for the calling thread.
+fn mask_signals(how: libc::c_int) {
+    // SAFETY: sigset operations on a zeroed set we own; pthread_sigmask only
+    // changes this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [SIGTERM, SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
     }
 }
 

@@ -1,0 +1,394 @@
+//! `skyapi provide`: the sidecar client. Holds one registration on a skyapi
+//! server for a local process, so a supervisor can run it beside the
+//! service without anyone writing websocket code.
+//!
+//! States: waiting for the local check to pass -> connecting -> registered
+//! -> (check fails: close, back to waiting) or (connection lost: back off,
+//! reconnect). Each change is logged once.
+//!
+//! Invariants:
+//! - reconnects never spin: every failed attempt waits an exponentially
+//!   growing, jittered delay capped at `MAX_BACKOFF`, so a restarted server
+//!   is not stampeded by its fleet; the delay resets once registered;
+//! - a connection that answers no ping for two intervals is dead;
+//! - SIGTERM/SIGINT close the connection with a normal close (the server
+//!   removes the entry at once) and `run` returns `Ok`.
+
+use std::io::{self, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use log::{debug, info, warn};
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::{Message, WebSocket};
+
+use crate::config::{Check, SidecarConfig};
+
+/// First reconnect delay, doubled after each failure up to `MAX_BACKOFF`.
+pub const MIN_BACKOFF: Duration = Duration::from_millis(500);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Bound on connecting, the handshake, and one check.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often sleeps look at the stop flag.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Runs until SIGTERM or SIGINT.
+pub fn run(config: SidecarConfig) -> Result<(), String> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone())
+            .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    }
+    Sidecar {
+        config,
+        stop,
+        backoff: Backoff::new(),
+        next_server: 0,
+        check_ok: None,
+    }
+    .run();
+    info!("stopped");
+    Ok(())
+}
+
+struct Sidecar {
+    config: SidecarConfig,
+    stop: Arc<AtomicBool>,
+    backoff: Backoff,
+    next_server: usize,
+    /// Last check result, to log changes only.
+    check_ok: Option<bool>,
+}
+
+/// How a connection ended.
+enum End {
+    Stopped,
+    CheckFailed,
+    Lost(String),
+}
+
+impl Sidecar {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    fn run(&mut self) {
+        while !self.stopped() {
+            if !self.check_passes() {
+                self.sleep(self.config.interval);
+                continue;
+            }
+            let server = self.config.servers[self.next_server % self.config.servers.len()].clone();
+            match self.connect(&server) {
+                Ok(mut ws) => match self.hold(&mut ws) {
+                    End::Stopped => return,
+                    End::CheckFailed => {}
+                    End::Lost(why) => {
+                        warn!("{server}: connection lost: {why}");
+                        self.next_server += 1;
+                        let wait = self.backoff.next_delay();
+                        info!("reconnecting in {} ms", wait.as_millis());
+                        self.sleep(wait);
+                    }
+                },
+                Err(why) => {
+                    warn!("{server}: {why}");
+                    self.next_server += 1;
+                    let wait = self.backoff.next_delay();
+                    info!("reconnecting in {} ms", wait.as_millis());
+                    self.sleep(wait);
+                }
+            }
+        }
+    }
+
+    /// Runs the check (if any) and logs when its result changes.
+    fn check_passes(&mut self) -> bool {
+        let Some(check) = &self.config.check else {
+            return true;
+        };
+        let result = run_check(check);
+        let ok = result.is_ok();
+        if self.check_ok != Some(ok) {
+            match &result {
+                Ok(()) => info!("check passes: registering"),
+                Err(why) => warn!("check fails ({why}): not registered"),
+            }
+            self.check_ok = Some(ok);
+        }
+        ok
+    }
+
+    fn connect(&mut self, server: &str) -> Result<WebSocket<TcpStream>, String> {
+        let url = format!("{server}/provide?{}", self.config.query);
+        let hostport = server
+            .strip_prefix("ws://")
+            .ok_or("wss:// needs a TLS-enabled build of the sidecar; use ws://")?;
+        let addr = hostport
+            .to_socket_addrs()
+            .map_err(|e| format!("cannot resolve {hostport}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{hostport} resolves to no address"))?;
+        let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+            .map_err(|e| format!("cannot connect: {e}"))?;
+        stream
+            .set_read_timeout(Some(IO_TIMEOUT))
+            .and_then(|_| stream.set_write_timeout(Some(IO_TIMEOUT)))
+            .map_err(|e| e.to_string())?;
+        let mut request = tungstenite::client::IntoClientRequest::into_client_request(url.as_str())
+            .map_err(|e| format!("bad URL {url}: {e}"))?;
+        if let Some(token) = &self.config.token {
+            let value = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| "the token is not a valid header value".to_string())?;
+            request.headers_mut().insert("Authorization", value);
+        }
+        let (mut ws, _) = tungstenite::client::client(request, stream).map_err(|e| match e {
+            tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r)) => {
+                format!("refused with HTTP {}", r.status())
+            }
+            other => format!("handshake failed: {other}"),
+        })?;
+        // The server's first message: the registration, or ERROR and close.
+        loop {
+            match ws.read() {
+                Ok(Message::Text(t)) if t.starts_with("ERROR:") => {
+                    return Err(format!("refused: {}", &t[6..].trim()));
+                }
+                Ok(Message::Text(t)) => {
+                    let v: serde_json::Value = serde_json::from_str(&t).unwrap_or_default();
+                    info!(
+                        "registered {} at {server} (key {})",
+                        v["name"].as_str().unwrap_or("?"),
+                        v["key"].as_str().unwrap_or("?")
+                    );
+                    self.backoff.reset();
+                    return Ok(ws);
+                }
+                Ok(Message::Close(f)) => {
+                    return Err(format!("closed before registering: {f:?}"));
+                }
+                Ok(_) => {}
+                Err(e) => return Err(format!("no registration: {e}")),
+            }
+            if self.stopped() {
+                return Err("stopping".into());
+            }
+        }
+    }
+
+    /// Pings every interval, runs the check, and watches for the end.
+    fn hold(&mut self, ws: &mut WebSocket<TcpStream>) -> End {
+        let interval = self.config.interval;
+        let mut last_heard = Instant::now();
+        let mut next_tick = Instant::now() + interval;
+        loop {
+            if self.stopped() {
+                close(ws, CloseCode::Normal, "sidecar stopping");
+                info!("closed: stopping");
+                return End::Stopped;
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                if now.duration_since(last_heard) > interval * 2 {
+                    return End::Lost(format!("no pong for {}s", interval.as_secs() * 2));
+                }
+                if !self.check_passes() {
+                    close(ws, CloseCode::Normal, "check failed");
+                    return End::CheckFailed;
+                }
+                if let Err(e) = ws.send(Message::Ping(Default::default())) {
+                    return End::Lost(format!("ping failed: {e}"));
+                }
+                next_tick = now + interval;
+            }
+            // Short reads so SIGTERM is seen promptly.
+            let _ = ws.get_ref().set_read_timeout(Some(TICK));
+            match ws.read() {
+                Ok(Message::Close(f)) => {
+                    let _ = ws.flush();
+                    return End::Lost(match f {
+                        Some(f) => format!("server closed ({}: {})", u16::from(f.code), f.reason),
+                        None => "server closed".into(),
+                    });
+                }
+                Ok(m) => {
+                    debug!("heard {:?}", m_kind(&m));
+                    last_heard = Instant::now();
+                }
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return End::Lost(e.to_string()),
+            }
+        }
+    }
+
+    fn sleep(&self, d: Duration) {
+        let until = Instant::now() + d;
+        while !self.stopped() && Instant::now() < until {
+            std::thread::sleep(TICK.min(until.saturating_duration_since(Instant::now())));
+        }
+    }
+}
+
+fn m_kind(m: &Message) -> &'static str {
+    match m {
+        Message::Ping(_) => "ping",
+        Message::Pong(_) => "pong",
+        Message::Text(_) => "text",
+        Message::Binary(_) => "binary",
+        _ => "frame",
+    }
+}
+
+fn close(ws: &mut WebSocket<TcpStream>, code: CloseCode, reason: &str) {
+    let _ = ws.close(Some(CloseFrame {
+        code,
+        reason: reason.to_string().into(),
+    }));
+    // Wait briefly for the server's close so the close is clean; errors
+    // mean the connection is over, which is the point.
+    let _ = ws.get_ref().set_read_timeout(Some(Duration::from_secs(1)));
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline && ws.read().is_ok() {}
+}
+
+/// Runs one check: a TCP connect, or an HTTP GET answered with 2xx.
+pub fn run_check(check: &Check) -> Result<(), String> {
+    let connect = |addr: &str| -> Result<TcpStream, String> {
+        let sa = addr
+            .to_socket_addrs()
+            .map_err(|e| format!("{addr}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{addr}: no address"))?;
+        TcpStream::connect_timeout(&sa, IO_TIMEOUT).map_err(|e| format!("{addr}: {e}"))
+    };
+    match check {
+        Check::Tcp(addr) => connect(addr).map(|_| ()),
+        Check::Http { addr, path } => {
+            let mut s = connect(addr)?;
+            s.set_read_timeout(Some(IO_TIMEOUT))
+                .and_then(|_| s.set_write_timeout(Some(IO_TIMEOUT)))
+                .map_err(|e| e.to_string())?;
+            write!(
+                s,
+                "GET {path} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: skyapi-provide\r\n\r\n"
+            )
+            .map_err(|e| format!("{addr}: {e}"))?;
+            let mut head = [0u8; 64];
+            let n = s.read(&mut head).map_err(|e| format!("{addr}: {e}"))?;
+            let line = String::from_utf8_lossy(&head[..n]);
+            let status: u16 = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .ok_or_else(|| format!("{addr}: not an HTTP answer"))?;
+            if (200..300).contains(&status) {
+                Ok(())
+            } else {
+                Err(format!("http://{addr}{path} answered {status}"))
+            }
+        }
+    }
+}
+
+/// Exponential backoff with jitter: each delay is drawn from [d/2, d] where
+/// d doubles from `MIN_BACKOFF` up to `MAX_BACKOFF`.
+pub struct Backoff {
+    current: Duration,
+    rng: u64,
+}
+
+impl Backoff {
+    pub fn new() -> Self {
+        let seed = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            ^ (u64::from(std::process::id()) << 32);
+        Backoff {
+            current: MIN_BACKOFF,
+            rng: seed | 1,
+        }
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        // xorshift64: jitter only needs to decorrelate a fleet.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let d = self.current;
+        let half = d / 2;
+        let jitter = Duration::from_nanos(self.rng % (half.as_nanos() as u64 + 1));
+        self.current = (self.current * 2).min(MAX_BACKOFF);
+        half + jitter
+    }
+
+    pub fn reset(&mut self) {
+        self.current = MIN_BACKOFF;
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_is_capped() {
+        let mut b = Backoff::new();
+        let mut prev_cap = Duration::ZERO;
+        for i in 0..20 {
+            let cap = (MIN_BACKOFF * 2u32.saturating_pow(i)).min(MAX_BACKOFF);
+            let d = b.next_delay();
+            assert!(
+                d >= cap / 2 && d <= cap,
+                "{i}: {d:?} not in [{:?}, {cap:?}]",
+                cap / 2
+            );
+            assert!(cap >= prev_cap);
+            prev_cap = cap;
+        }
+        b.reset();
+        assert!(b.next_delay() <= MIN_BACKOFF);
+    }
+
+    #[test]
+    fn checks() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        assert!(run_check(&Check::Tcp(addr.clone())).is_ok());
+        drop(l);
+        assert!(run_check(&Check::Tcp(addr)).is_err());
+
+        for (status, ok) in [(200, true), (204, true), (503, false)] {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap().to_string();
+            let server = std::thread::spawn(move || {
+                let (mut s, _) = l.accept().unwrap();
+                let mut buf = [0u8; 512];
+                let _ = s.read(&mut buf);
+                let _ = write!(s, "HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n");
+            });
+            let r = run_check(&Check::Http {
+                addr,
+                path: "/health".into(),
+            });
+            assert_eq!(r.is_ok(), ok, "{status}: {r:?}");
+            server.join().unwrap();
+        }
+    }
+}
