@@ -24,7 +24,8 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
-use crate::http::{self, Head, HeadError};
+use crate::auth;
+use crate::http::{self, Head, HeadError, Transport};
 use crate::metrics::{self, Removal};
 use crate::provide::{self, Entry, Registration};
 use crate::server::Shared;
@@ -74,31 +75,42 @@ pub struct Live {
     pub stored: bool,
 }
 
-/// Serves one accepted connection to its end.
+/// Serves one accepted connection to its end: wraps it in TLS when the
+/// server has a certificate, then reads the head and routes it.
 pub fn serve(shared: &Arc<Shared>, id: ConnId, stream: TcpStream, peer: SocketAddr) {
     // Best effort: a socket that cannot take a timeout is already broken and
     // its first write will say so.
     let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
-    let head = match http::read_head(&stream, Instant::now() + HANDSHAKE_DEADLINE) {
+    match &shared.tls {
+        Some(config) => match rustls::ServerConnection::new(config.clone()) {
+            Ok(conn) => serve_on(shared, id, rustls::StreamOwned::new(conn, stream), peer),
+            Err(e) => warn!("{peer}: cannot start TLS: {e}"),
+        },
+        None => serve_on(shared, id, stream, peer),
+    }
+}
+
+fn serve_on<T: Transport>(shared: &Arc<Shared>, id: ConnId, mut stream: T, peer: SocketAddr) {
+    let head = match http::read_head(&mut stream, Instant::now() + HANDSHAKE_DEADLINE) {
         Ok(h) => h,
         Err(HeadError::Gone) => return,
         Err(HeadError::TimedOut) => {
             debug!("{peer}: request head not complete within {HANDSHAKE_DEADLINE:?}: dropped");
             return;
         }
-        Err(HeadError::TooLarge) => return plain(&stream, 431, "request head too large"),
+        Err(HeadError::TooLarge) => return plain(&mut stream, 431, "request head too large"),
         Err(HeadError::Malformed(why)) => {
-            return plain(&stream, 400, &format!("malformed request: {why}"))
+            return plain(&mut stream, 400, &format!("malformed request: {why}"))
         }
     };
     match head.path.as_str() {
         "/provide" => provide(shared, id, stream, peer, head),
-        _ => crate::endpoints::serve(shared, &stream, &head),
+        _ => crate::endpoints::serve(shared, &mut stream, &head),
     }
 }
 
 /// A one-line plain response; the connection ends after it.
-pub fn plain(stream: &TcpStream, status: u16, line: &str) {
+pub fn plain(stream: &mut dyn io::Write, status: u16, line: &str) {
     // The peer may already be gone; there is nobody left to tell.
     let _ = http::respond_text(stream, status, line);
 }
@@ -169,25 +181,75 @@ impl Drop for Registered<'_> {
     }
 }
 
-fn provide(shared: &Arc<Shared>, id: ConnId, stream: TcpStream, peer: SocketAddr, head: Head) {
-    if let Err((status, why)) = http::accept_websocket(&stream, &head) {
+fn provide<T: Transport>(
+    shared: &Arc<Shared>,
+    id: ConnId,
+    mut stream: T,
+    peer: SocketAddr,
+    head: Head,
+) {
+    let parsed = provide::parse_with_token(&head.query, peer_ip(&peer), &shared.layout);
+    // Access control answers in HTTP, before the upgrade: a client that may
+    // not register gets no websocket at all.
+    if let Some(tokens) = shared.tokens() {
+        let presented = auth::presented_token(
+            head.header("authorization"),
+            parsed.as_ref().ok().and_then(|(_, t)| t.as_deref()),
+        );
+        let service = parsed
+            .as_ref()
+            .map(|(r, _)| r.service.as_str())
+            .unwrap_or("");
+        match tokens.check(presented, service) {
+            Ok(()) => {}
+            Err(auth::Denied::Unauthenticated) => {
+                info!("{peer}: /provide without a valid token: 401");
+                shared.metrics.registration(metrics::Registration::Refused);
+                return plain(&mut stream, 401, "a valid bearer token is required");
+            }
+            // A parameter error is reported as such below, once upgraded.
+            Err(auth::Denied::Forbidden) if parsed.is_ok() => {
+                info!("{peer}: token not allowed for service {service}: 403");
+                shared.metrics.registration(metrics::Registration::Refused);
+                return plain(
+                    &mut stream,
+                    403,
+                    &format!("this token may not register {service}"),
+                );
+            }
+            Err(auth::Denied::Forbidden) => {}
+        }
+    }
+    if let Ok((r, _)) = &parsed {
+        if shared.host_must_match_peer && !host_is_peer(&r.host, &peer) {
+            info!("{peer}: host {} is not the peer's address: 403", r.host);
+            shared.metrics.registration(metrics::Registration::Refused);
+            return plain(
+                &mut stream,
+                403,
+                "host must be the connection's own address",
+            );
+        }
+    }
+
+    if let Err((status, why)) = http::accept_websocket(&mut stream, &head) {
         if status == 426 {
             // RFC 6455 4.4: tell the client which version we speak.
             let _ = http::respond(
-                &stream,
+                &mut stream,
                 426,
                 "text/plain; charset=utf-8",
                 &[("Sec-WebSocket-Version", "13")],
                 &format!("{why}\n"),
             );
         } else if status != 0 {
-            plain(&stream, status, &why);
+            plain(&mut stream, status, &why);
         }
         return;
     }
     let mut ws = WebSocket::from_partially_read(stream, head.rest, Role::Server, Some(ws_config()));
-    let registration = match provide::parse(&head.query, peer_ip(&peer), &shared.layout) {
-        Ok(r) => r,
+    let registration = match parsed {
+        Ok((r, _)) => r,
         Err(refusal) => {
             info!("{peer}: refused /provide: {refusal}");
             shared.metrics.registration(metrics::Registration::Refused);
@@ -225,10 +287,23 @@ fn provide(shared: &Arc<Shared>, id: ConnId, stream: TcpStream, peer: SocketAddr
     );
 }
 
+/// Whether an advertised host is the connection's own address (compared as
+/// addresses, so `::ffff:10.0.0.1` and `10.0.0.1` agree).
+fn host_is_peer(host: &str, peer: &SocketAddr) -> bool {
+    host.parse::<IpAddr>()
+        .map(|h| peer_ip(&SocketAddr::new(h, 0)) == peer_ip(peer))
+        .unwrap_or(false)
+}
+
 /// Sends a close frame (after `message`, if any) and waits up to
 /// `CLOSE_WAIT` for the client's answering close, so the frames reach the
 /// client instead of being lost to a reset when the socket is dropped.
-fn close(ws: &mut WebSocket<TcpStream>, code: CloseCode, reason: &str, message: Option<&str>) {
+fn close<T: Transport>(
+    ws: &mut WebSocket<T>,
+    code: CloseCode,
+    reason: &str,
+    message: Option<&str>,
+) {
     if let Some(m) = message {
         let _ = ws.send(Message::Text(m.to_string().into()));
     }
@@ -248,7 +323,7 @@ fn close(ws: &mut WebSocket<TcpStream>, code: CloseCode, reason: &str, message: 
     let deadline = Instant::now() + CLOSE_WAIT;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || ws.get_ref().set_read_timeout(Some(left)).is_err() {
+        if left.is_zero() || ws.get_ref().tcp().set_read_timeout(Some(left)).is_err() {
             return;
         }
         match ws.read() {
@@ -262,9 +337,9 @@ fn close(ws: &mut WebSocket<TcpStream>, code: CloseCode, reason: &str, message: 
 /// The liveness loop: pings, reads (and discards) client frames, tells the
 /// client once its entry is stored (setting `acked`), and returns why it
 /// ended.
-fn hold(
+fn hold<T: Transport>(
     shared: &Shared,
-    ws: &mut WebSocket<TcpStream>,
+    ws: &mut WebSocket<T>,
     entry: &Entry,
     ack: Receiver<Ack>,
     registered: &Registered,
@@ -350,7 +425,7 @@ fn hold(
         }
         let wait = wait.max(Duration::from_millis(1));
         if current_timeout != Some(wait) {
-            if ws.get_ref().set_read_timeout(Some(wait)).is_err() {
+            if ws.get_ref().tcp().set_read_timeout(Some(wait)).is_err() {
                 return Removal::Error;
             }
             current_timeout = Some(wait);

@@ -5,7 +5,7 @@
 //! view of etcd, counters, the live registrations), never with an etcd round
 //! trip, so monitoring that polls them costs etcd nothing.
 
-use std::net::TcpStream;
+use std::io::Write;
 use std::time::UNIX_EPOCH;
 
 use crate::connection::plain;
@@ -13,7 +13,7 @@ use crate::http::{self, Head};
 use crate::provide;
 use crate::server::Shared;
 
-pub fn serve(shared: &Shared, stream: &TcpStream, head: &Head) {
+pub fn serve(shared: &Shared, stream: &mut dyn Write, head: &Head) {
     let path = head.path.as_str();
     if !matches!(path, "/healthz" | "/metrics" | "/services") {
         return plain(stream, 404, &format!("no such endpoint: {}", short(path)));
@@ -39,7 +39,7 @@ pub fn serve(shared: &Shared, stream: &TcpStream, head: &Head) {
 
 /// 200 `ok` while etcd answers and the lease is alive; 503 with the reason
 /// and how long it has been so otherwise.
-fn healthz(shared: &Shared, stream: &TcpStream) {
+fn healthz(shared: &Shared, stream: &mut dyn Write) {
     let h = shared
         .health
         .lock()
@@ -61,7 +61,7 @@ fn healthz(shared: &Shared, stream: &TcpStream) {
 }
 
 /// This instance's live registrations as JSON, optionally `?service=NAME`.
-fn services(shared: &Shared, stream: &TcpStream, query: &str) {
+fn services(shared: &Shared, stream: &mut dyn Write, query: &str) {
     let mut filter = None;
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {

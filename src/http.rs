@@ -12,6 +12,8 @@
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
+
+use rustls::{ServerConnection, StreamOwned};
 use std::time::Instant;
 
 /// Largest request head (request line and headers) we read.
@@ -61,8 +63,27 @@ pub enum HeadError {
     Malformed(String),
 }
 
-/// Reads one request head from `stream`, failing at `deadline`.
-pub fn read_head(stream: &TcpStream, deadline: Instant) -> Result<Head, HeadError> {
+/// A connection's byte stream, plain TCP or TLS over it; `tcp` reaches the
+/// socket underneath for timeouts.
+pub trait Transport: Read + Write {
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl Transport for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl Transport for StreamOwned<ServerConnection, TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        &self.sock
+    }
+}
+
+/// Reads one request head from `stream`, failing at `deadline`. With TLS
+/// the TLS handshake happens here too, under the same deadline.
+pub fn read_head<T: Transport>(stream: &mut T, deadline: Instant) -> Result<Head, HeadError> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
@@ -71,9 +92,10 @@ pub fn read_head(stream: &TcpStream, deadline: Instant) -> Result<Head, HeadErro
             return Err(HeadError::TimedOut);
         }
         stream
+            .tcp()
             .set_read_timeout(Some(left))
             .map_err(|_| HeadError::Gone)?;
-        let n = match (&mut &*stream).read(&mut chunk) {
+        let n = match stream.read(&mut chunk) {
             Ok(0) => return Err(HeadError::Gone),
             Ok(n) => n,
             Err(e) if is_timeout(&e) => return Err(HeadError::TimedOut),
@@ -124,7 +146,7 @@ pub fn is_timeout(e: &io::Error) -> bool {
 
 /// Writes a complete plain response and leaves the connection to be closed.
 pub fn respond(
-    mut stream: &TcpStream,
+    stream: &mut dyn Write,
     status: u16,
     content_type: &str,
     extra_headers: &[(&str, &str)],
@@ -145,7 +167,7 @@ pub fn respond(
 }
 
 /// A one-line text response.
-pub fn respond_text(stream: &TcpStream, status: u16, line: &str) -> io::Result<()> {
+pub fn respond_text(stream: &mut dyn Write, status: u16, line: &str) -> io::Result<()> {
     respond(
         stream,
         status,
@@ -157,7 +179,7 @@ pub fn respond_text(stream: &TcpStream, status: u16, line: &str) -> io::Result<(
 
 /// Checks a websocket upgrade request and, if it is one, answers 101.
 /// Returns the HTTP status and reason to send instead when it is not.
-pub fn accept_websocket(mut stream: &TcpStream, head: &Head) -> Result<(), (u16, String)> {
+pub fn accept_websocket(stream: &mut dyn Write, head: &Head) -> Result<(), (u16, String)> {
     if head.method != "GET" {
         return Err((405, "/provide takes GET with a websocket upgrade".into()));
     }
@@ -181,6 +203,7 @@ pub fn accept_websocket(mut stream: &TcpStream, head: &Head) -> Result<(), (u16,
     );
     stream
         .write_all(response.as_bytes())
+        .and_then(|_| stream.flush())
         .map_err(|e| (0, e.to_string()))
 }
 

@@ -3,6 +3,7 @@
 //!
 //! Modules, by concern:
 //! - `config`: flags into a validated `Config`;
+//! - `auth`: the token file and access checks for `/provide`;
 //! - `provide`: the `/provide` contract: parameters, ids, keys, values;
 //! - `http`: request heads, routing helpers and plain responses;
 //! - `connection`: one thread per connection: handshake and ping loop;
@@ -12,8 +13,10 @@
 //! - `metrics`: counters and the Prometheus text writer;
 //! - `server`: listener, accept loop, signals and shutdown;
 //! - `sidecar`: `skyapi provide`, the reconnecting client;
+//! - `tls`: rustls configuration for wss://;
 //! - `error`: the error types of each boundary.
 
+pub mod auth;
 pub mod config;
 pub mod connection;
 pub mod endpoints;
@@ -24,4 +27,5 @@ pub mod metrics;
 pub mod provide;
 pub mod server;
 pub mod sidecar;
+pub mod tls;
 pub mod worker;

@@ -90,6 +90,16 @@ pub struct Entry {
 /// Parses and validates a raw query string (without the `?`). `peer` is the
 /// connection's address, already unmapped from `::ffff:a.b.c.d`.
 pub fn parse(query: &str, peer: IpAddr, layout: &Layout) -> Result<Registration, Refusal> {
+    parse_with_token(query, peer, layout).map(|(r, _)| r)
+}
+
+/// `parse`, also returning the `token=` parameter (the bearer token of
+/// `--token-file`, which means nothing to the entry).
+pub fn parse_with_token(
+    query: &str,
+    peer: IpAddr,
+    layout: &Layout,
+) -> Result<(Registration, Option<String>), Refusal> {
     let mut service = None;
     let mut port = None;
     let mut host = None;
@@ -98,6 +108,7 @@ pub fn parse(query: &str, peer: IpAddr, layout: &Layout) -> Result<Registration,
     let mut category = None;
     let mut prefix = None;
     let mut ttl = None;
+    let mut token = None;
 
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (raw_name, raw_value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -112,9 +123,7 @@ pub fn parse(query: &str, peer: IpAddr, layout: &Layout) -> Result<Registration,
             "category" => &mut category,
             "prefix" => &mut prefix,
             "ttl" => &mut ttl,
-            // The bearer token of --token-file travels here too; it is
-            // checked before the upgrade and means nothing to the entry.
-            "token" => continue,
+            "token" => &mut token,
             other => {
                 return Err(Refusal::new(format!(
                     "unknown parameter {:?}",
@@ -175,16 +184,19 @@ pub fn parse(query: &str, peer: IpAddr, layout: &Layout) -> Result<Registration,
         Some(h) => valid_host(h)?.to_string(),
     };
 
-    Ok(Registration {
-        service,
-        category,
-        host,
-        port,
-        priority,
-        weight,
-        prefix,
-        ttl,
-    })
+    Ok((
+        Registration {
+            service,
+            category,
+            host,
+            port,
+            priority,
+            weight,
+            prefix,
+            ttl,
+        },
+        token,
+    ))
 }
 
 impl Registration {

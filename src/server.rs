@@ -16,13 +16,15 @@
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
+use crate::auth::Tokens;
 use crate::config::Config;
 use crate::connection::{self, Live};
 use crate::etcd::EtcdStore;
@@ -48,6 +50,12 @@ pub struct Shared {
     pub health: SharedHealth,
     pub max_connections: usize,
     pub metrics: Arc<Metrics>,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub host_must_match_peer: bool,
+    /// The token file in force (`None`: no access control). Replaced whole
+    /// on SIGHUP, so a request sees one version of it.
+    tokens: RwLock<Option<Arc<Tokens>>>,
+    token_file: Option<PathBuf>,
     /// Registrations of open `/provide` connections, for `/services`.
     live: Mutex<HashMap<ConnId, Live>>,
     shutting_down: AtomicBool,
@@ -84,6 +92,29 @@ impl Shared {
         }
     }
 
+    pub fn tokens(&self) -> Option<Arc<Tokens>> {
+        self.tokens
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Re-reads the token file; a file that does not parse leaves the old
+    /// one in force.
+    fn reload_tokens(&self) {
+        let Some(path) = &self.token_file else {
+            info!("SIGHUP: no --token-file to reload");
+            return;
+        };
+        match Tokens::load(path) {
+            Ok(t) => {
+                info!("SIGHUP: token file reloaded ({} grants)", t.len());
+                *self.tokens.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(t));
+            }
+            Err(e) => error!("SIGHUP: {e}; keeping the token file loaded before"),
+        }
+    }
+
     pub fn live_registrations(&self) -> MutexGuard<'_, HashMap<ConnId, Live>> {
         // A panicking connection thread cannot leave the map half-updated:
         // every change is a single insert, remove or field store.
@@ -106,7 +137,19 @@ impl Drop for Slot {
 
 /// Runs the server until SIGTERM or SIGINT; `Ok` after a clean shutdown.
 pub fn run(config: Config) -> Result<(), String> {
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+    let tokens = match &config.token_file {
+        Some(path) => {
+            let t = Tokens::load(path).map_err(|e| format!("--token-file: {e}"))?;
+            info!("token file {}: {} grants", path.display(), t.len());
+            Some(Arc::new(t))
+        }
+        None => None,
+    };
+    let tls = match &config.tls {
+        Some((cert, key)) => Some(crate::tls::server_config(cert, key)?),
+        None => None,
+    };
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     // A handler that does nothing but exist: delivering the signal makes a
     // blocked read or write fail with EINTR (sockets with timeouts are never
@@ -146,6 +189,10 @@ pub fn run(config: Config) -> Result<(), String> {
         health,
         max_connections: config.max_connections,
         metrics,
+        tls,
+        host_must_match_peer: config.host_must_match_peer,
+        tokens: RwLock::new(tokens),
+        token_file: config.token_file.clone(),
         live: Mutex::new(HashMap::new()),
         shutting_down: AtomicBool::new(false),
         open: AtomicUsize::new(0),
@@ -163,14 +210,27 @@ pub fn run(config: Config) -> Result<(), String> {
             .map_err(|e| format!("cannot start the accept thread: {e}"))?
     };
     info!(
-        "listening on {local} (etcd {}, root {}, timeout {}s)",
+        "listening on {local}{} (etcd {}, root {}, timeout {}s)",
+        if shared.tls.is_some() {
+            " with TLS"
+        } else {
+            ""
+        },
         config.etcd.endpoints.join(","),
         config.layout.root_name(),
         config.timeout.as_secs()
     );
 
     mask_signals(libc::SIG_UNBLOCK);
-    let signal = signals.forever().next().unwrap_or(SIGTERM);
+    let mut signal = SIGTERM;
+    for sig in signals.forever() {
+        if sig == SIGHUP {
+            shared.reload_tokens();
+            continue;
+        }
+        signal = sig;
+        break;
+    }
     let started = Instant::now();
     info!(
         "{}: shutting down ({} connections)",
@@ -260,8 +320,13 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
                 );
                 refused_logged = Instant::now();
             }
-            let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
-            connection::plain(&stream, 503, "too many connections");
+            // Plain HTTP only: a TLS client would need a handshake first,
+            // which is the thread this limit exists to save.
+            if shared.tls.is_none() {
+                let mut stream = stream;
+                let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
+                connection::plain(&mut stream, 503, "too many connections");
+            }
             continue;
         }
         let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
@@ -299,7 +364,7 @@ fn mask_signals(how: libc::c_int) {
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for sig in [SIGTERM, SIGINT, libc::SIGHUP] {
+        for sig in [SIGTERM, SIGINT, SIGHUP] {
             libc::sigaddset(&mut set, sig);
         }
         libc::pthread_sigmask(how, &set, std::ptr::null_mut());
