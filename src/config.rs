@@ -79,6 +79,8 @@ usage: skyapi provide --server ws://HOST:8053 --service NAME --port N [FLAGS]
   --interval SECS           ping and check period (default 10)
   --token TOKEN             bearer token for a server with --token-file;
                             better: SKYAPI_TOKEN
+  --cacert FILE             PEM roots to verify wss:// servers (default: the
+                            system bundle)
   --log-level LEVEL         error, warn, info, debug or trace (default info)
 
 SIGTERM or SIGINT closes the connection cleanly (the entry goes at once) and
@@ -146,6 +148,8 @@ pub struct SidecarConfig {
     pub check: Option<Check>,
     pub interval: Duration,
     pub token: Option<String>,
+    /// PEM roots for wss:// servers (default: the system bundle).
+    pub cacert: Option<String>,
     pub log_level: LevelFilter,
 }
 
@@ -332,6 +336,10 @@ fn parse_provide(args: Vec<OsString>, env: Env) -> Result<Command, ConfigError> 
     let interval = f.value("--interval")?.unwrap_or_else(|| "10".into());
     let interval = number_flag("--interval", &interval, 1, 3600)?;
     let token = f.value("--token")?;
+    let cacert = f.value("--cacert")?;
+    if let Some(c) = &cacert {
+        read_file("--cacert", c)?;
+    }
     let log_level = f.value("--log-level")?.unwrap_or_else(|| "info".into());
     f.finish()?;
 
@@ -376,6 +384,7 @@ fn parse_provide(args: Vec<OsString>, env: Env) -> Result<Command, ConfigError> 
         check,
         interval: Duration::from_secs(interval),
         token,
+        cacert,
         log_level: log_level_of(&log_level)?,
     }))
 }

@@ -48,6 +48,7 @@ pub fn run(config: SidecarConfig) -> Result<(), String> {
         backoff: Backoff::new(),
         next_server: 0,
         check_ok: None,
+        tls: None,
     }
     .run();
     info!("stopped");
@@ -61,6 +62,49 @@ struct Sidecar {
     next_server: usize,
     /// Last check result, to log changes only.
     check_ok: Option<bool>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// Debian's bundle of trusted roots (package ca-certificates).
+const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// The sidecar's connection: plain TCP or TLS over it.
+pub enum Conn {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Conn {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Conn::Plain(s) => s,
+            Conn::Tls(t) => &t.sock,
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read(buf),
+            Conn::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.write(buf),
+            Conn::Tls(t) => t.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.flush(),
+            Conn::Tls(t) => t.flush(),
+        }
+    }
 }
 
 /// How a connection ended.
@@ -122,11 +166,12 @@ impl Sidecar {
         ok
     }
 
-    fn connect(&mut self, server: &str) -> Result<WebSocket<TcpStream>, String> {
+    fn connect(&mut self, server: &str) -> Result<WebSocket<Conn>, String> {
         let url = format!("{server}/provide?{}", self.config.query);
-        let hostport = server
-            .strip_prefix("ws://")
-            .ok_or("wss:// needs a TLS-enabled build of the sidecar; use ws://")?;
+        let (tls, hostport) = match server.strip_prefix("wss://") {
+            Some(rest) => (true, rest),
+            None => (false, server.strip_prefix("ws://").unwrap_or(server)),
+        };
         let addr = hostport
             .to_socket_addrs()
             .map_err(|e| format!("cannot resolve {hostport}: {e}"))?
@@ -138,6 +183,19 @@ impl Sidecar {
             .set_read_timeout(Some(IO_TIMEOUT))
             .and_then(|_| stream.set_write_timeout(Some(IO_TIMEOUT)))
             .map_err(|e| e.to_string())?;
+        let stream = if tls {
+            let host = match hostport.rsplit_once(':') {
+                Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
+                None => hostport,
+            };
+            let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                .map_err(|e| format!("{host}: {e}"))?;
+            let tls = rustls::ClientConnection::new(self.tls_config()?, name)
+                .map_err(|e| format!("TLS: {e}"))?;
+            Conn::Tls(Box::new(rustls::StreamOwned::new(tls, stream)))
+        } else {
+            Conn::Plain(stream)
+        };
         let mut request = tungstenite::client::IntoClientRequest::into_client_request(url.as_str())
             .map_err(|e| format!("bad URL {url}: {e}"))?;
         if let Some(token) = &self.config.token {
@@ -180,8 +238,34 @@ impl Sidecar {
         }
     }
 
+    /// The TLS client configuration, built on first use: roots from
+    /// `--cacert`, else the system bundle.
+    fn tls_config(&mut self) -> Result<Arc<rustls::ClientConfig>, String> {
+        if let Some(c) = &self.tls {
+            return Ok(c.clone());
+        }
+        let path = self.config.cacert.as_deref().unwrap_or(SYSTEM_ROOTS);
+        let mut roots = rustls::RootCertStore::empty();
+        use rustls::pki_types::pem::PemObject;
+        for cert in rustls::pki_types::CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("{path}: {e}"))?
+        {
+            let cert = cert.map_err(|e| format!("{path}: {e}"))?;
+            roots.add(cert).map_err(|e| format!("{path}: {e}"))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let config = Arc::new(config);
+        self.tls = Some(config.clone());
+        Ok(config)
+    }
+
     /// Pings every interval, runs the check, and watches for the end.
-    fn hold(&mut self, ws: &mut WebSocket<TcpStream>) -> End {
+    fn hold(&mut self, ws: &mut WebSocket<Conn>) -> End {
         let interval = self.config.interval;
         let mut last_heard = Instant::now();
         let mut next_tick = Instant::now() + interval;
@@ -206,7 +290,7 @@ impl Sidecar {
                 next_tick = now + interval;
             }
             // Short reads so SIGTERM is seen promptly.
-            let _ = ws.get_ref().set_read_timeout(Some(TICK));
+            let _ = ws.get_ref().tcp().set_read_timeout(Some(TICK));
             match ws.read() {
                 Ok(Message::Close(f)) => {
                     let _ = ws.flush();
@@ -249,14 +333,17 @@ fn m_kind(m: &Message) -> &'static str {
     }
 }
 
-fn close(ws: &mut WebSocket<TcpStream>, code: CloseCode, reason: &str) {
+fn close(ws: &mut WebSocket<Conn>, code: CloseCode, reason: &str) {
     let _ = ws.close(Some(CloseFrame {
         code,
         reason: reason.to_string().into(),
     }));
     // Wait briefly for the server's close so the close is clean; errors
     // mean the connection is over, which is the point.
-    let _ = ws.get_ref().set_read_timeout(Some(Duration::from_secs(1)));
+    let _ = ws
+        .get_ref()
+        .tcp()
+        .set_read_timeout(Some(Duration::from_secs(1)));
     let deadline = Instant::now() + Duration::from_secs(1);
     while Instant::now() < deadline && ws.read().is_ok() {}
 }
