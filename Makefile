@@ -8,7 +8,7 @@ LISTEN ?= :8053
 RUN_DIR := target/run
 APT_PKGS := etcd-server etcd-client protobuf-compiler
 
-.PHONY: all deps build release run test lint check clean-run
+.PHONY: all deps build release run test lint check clean-run static fuzz soak
 
 all: build
 
@@ -69,3 +69,28 @@ check: lint test
 
 clean-run:
 	rm -rf $(RUN_DIR)
+
+# A fully static, stripped binary: x86_64-unknown-linux-musl, rustls/ring,
+# no OpenSSL. Needs musl-tools (ring's C code) and the musl target.
+STATIC_TARGET := x86_64-unknown-linux-musl
+STATIC_BIN := target/$(STATIC_TARGET)/release/skyapi
+static: deps
+	@command -v musl-gcc >/dev/null 2>&1 || { \
+	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq musl-tools >/dev/null; }
+	@rustup target list --installed 2>/dev/null | grep -q $(STATIC_TARGET) || rustup target add $(STATIC_TARGET)
+	$(CARGO) build --release --target $(STATIC_TARGET)
+	strip $(STATIC_BIN)
+	@file $(STATIC_BIN)
+	@ls -l $(STATIC_BIN) | awk '{ printf "size: %.1f MiB\n", $$5 / 1048576 }'
+
+# Fuzzes the /provide query parser and key builder for FUZZ_SECONDS
+# (cargo-fuzz on the nightly toolchain; installed if missing).
+FUZZ_SECONDS ?= 60
+fuzz:
+	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+	cd fuzz && $(CARGO) +nightly fuzz run provide_query -- -max_total_time=$(FUZZ_SECONDS)
+
+# The long-running variants of the fault and resource tests (minutes).
+soak: deps
+	$(CARGO) test --release -- --ignored --test-threads=1

@@ -519,4 +519,84 @@ mod tests {
         let rest = e.key.strip_prefix(&l.root_dir()).unwrap();
         assert_eq!(rest.split('/').count(), 3 + 2);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Query values built from hostile pieces: traversal, separators,
+        /// escapes, NUL, look-alikes, long runs, and plain labels.
+        fn piece() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[a-zA-Z0-9_-]{1,70}",
+                Just("..".to_string()),
+                Just("/".to_string()),
+                Just("%2F".to_string()),
+                Just("%2e%2e".to_string()),
+                Just("%00".to_string()),
+                Just("%ff".to_string()),
+                Just("fο".to_string()),
+                Just(",".to_string()),
+                Just("&".to_string()),
+                Just("=".to_string()),
+                "\\PC{0,8}",
+            ]
+        }
+
+        fn value() -> impl Strategy<Value = String> {
+            proptest::collection::vec(piece(), 1..4).prop_map(|v| v.concat())
+        }
+
+        /// Mostly valid labels (so many requests are accepted and their
+        /// keys checked), sometimes hostile values.
+        fn label_or_hostile() -> impl Strategy<Value = String> {
+            prop_oneof![3 => "[a-zA-Z0-9_-]{1,63}", 1 => value()]
+        }
+
+        fn query() -> impl Strategy<Value = String> {
+            const OPTIONAL: [&str; 8] = [
+                "host", "category", "prefix", "priority", "weight", "ttl", "token", "service",
+            ];
+            (
+                label_or_hostile(),
+                prop_oneof![3 => "[1-9][0-9]{0,4}", 1 => value()],
+                proptest::collection::vec(
+                    (proptest::sample::select(&OPTIONAL[..]), label_or_hostile()),
+                    0..4,
+                ),
+            )
+                .prop_map(|(service, port, rest)| {
+                    let mut q = vec![format!("service={service}"), format!("port={port}")];
+                    q.extend(rest.iter().map(|(n, v)| format!("{n}={v}")));
+                    q.join("&")
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn accepted_keys_stay_in_their_directory(q in query()) {
+                let l = layout();
+                if let Ok(r) = parse(&q, peer(), &l) {
+                    let e = r.entry(&l);
+                    let rest = e.key.strip_prefix(&l.root_dir()).expect("under the root");
+                    let segments: Vec<&str> = rest.split('/').collect();
+                    prop_assert_eq!(segments.len(), r.category.len() + 2);
+                    for s in &segments {
+                        prop_assert!(!s.is_empty() && s.len() <= 63);
+                        prop_assert!(s.bytes().all(|b| b.is_ascii_lowercase()
+                            || b.is_ascii_digit() || b == b'-' || b == b'_'));
+                    }
+                    let v: serde_json::Value = serde_json::from_str(&e.value).unwrap();
+                    prop_assert!(v["ttl"].as_u64().is_some_and(|t| t > 0));
+                }
+            }
+
+            #[test]
+            fn arbitrary_bytes_never_panic(q in "\\PC{0,200}") {
+                let _ = parse(&q, peer(), &layout());
+            }
+        }
+    }
 }
