@@ -264,14 +264,16 @@ fn provide<T: Transport>(
         }
     };
     let entry = registration.entry(&shared.layout);
-    info!(
-        "connect service={} id={} peer={peer} key={}",
-        registration.service, entry.id, entry.key
+    // Every log line of this registration names it the same way.
+    let who = format!(
+        "service={} id={} peer={peer}",
+        registration.service, entry.id
     );
+    info!("connect {who} key={}", entry.key);
     let ack = shared.worker.register(id, &entry.key, &entry.value);
     let registered = Registered::new(shared, id, &registration, &entry, peer);
     let mut acked = false;
-    let ending = hold(shared, &mut ws, &entry, ack, &registered, &mut acked);
+    let ending = hold(shared, &mut ws, &entry, &who, ack, &registered, &mut acked);
     if acked {
         shared.metrics.removal(ending);
     } else {
@@ -279,12 +281,7 @@ fn provide<T: Transport>(
             .metrics
             .registration(metrics::Registration::Abandoned);
     }
-    info!(
-        "close service={} id={} peer={peer} reason={}",
-        registration.service,
-        entry.id,
-        ending.as_str()
-    );
+    info!("close {who} reason={}", ending.as_str());
 }
 
 /// Whether an advertised host is the connection's own address (compared as
@@ -341,6 +338,7 @@ fn hold<T: Transport>(
     shared: &Shared,
     ws: &mut WebSocket<T>,
     entry: &Entry,
+    who: &str,
     ack: Receiver<Ack>,
     registered: &Registered,
     acked: &mut bool,
@@ -387,7 +385,7 @@ fn hold<T: Transport>(
                     if ws.send(Message::Text(welcome.to_string().into())).is_err() {
                         return Removal::Error;
                     }
-                    info!("registered {} ({})", entry.name, entry.key);
+                    info!("register {who} name={}", entry.name);
                 }
                 Ok(Err(why)) => {
                     close(ws, CloseCode::Away, &why, None);
@@ -404,16 +402,12 @@ fn hold<T: Transport>(
         let now = Instant::now();
         let dead_at = last_heard + timeout;
         if now >= dead_at {
-            warn!(
-                "{}: no answer for {}s: dropping it",
-                entry.key,
-                timeout.as_secs()
-            );
+            warn!("{who}: no answer for {}s: dropping it", timeout.as_secs());
             return Removal::PingTimeout;
         }
         if now >= next_ping {
             if let Err(e) = ws.send(Message::Ping(Default::default())) {
-                debug!("{}: ping failed: {e}", entry.key);
+                debug!("{who}: ping failed: {e}");
                 return Removal::Error;
             }
             next_ping = now + ping_every;
@@ -445,7 +439,7 @@ fn hold<T: Transport>(
                         last_refill = last_heard;
                         tokens = (tokens + elapsed * MSG_RATE).min(MSG_BURST) - 1.0;
                         if tokens < 0.0 {
-                            warn!("{}: client floods messages: closing", entry.key);
+                            warn!("{who}: client floods messages: closing");
                             close(ws, CloseCode::Policy, "too many messages", None);
                             return Removal::Error;
                         }
@@ -468,7 +462,7 @@ fn hold<T: Transport>(
                         Removal::Close
                     }
                     tungstenite::Error::Capacity(c) => {
-                        warn!("{}: {c}: closing", entry.key);
+                        warn!("{who}: {c}: closing");
                         close(ws, CloseCode::Size, "message too big", None);
                         Removal::Error
                     }
@@ -476,12 +470,12 @@ fn hold<T: Transport>(
                         tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
                     ) => Removal::Close,
                     tungstenite::Error::Protocol(p) => {
-                        info!("{}: protocol error: {p}: closing", entry.key);
+                        info!("{who}: protocol error: {p}: closing");
                         close(ws, CloseCode::Protocol, "protocol error", None);
                         Removal::Error
                     }
                     other => {
-                        debug!("{}: {other}", entry.key);
+                        debug!("{who}: {other}");
                         Removal::Error
                     }
                 };

@@ -64,7 +64,7 @@ pub struct Shared {
     /// Threads of open connections, so shutdown can interrupt their
     /// blocked reads with `WAKE_SIGNAL`. A thread removes itself (under the
     /// lock) before it exits, so a listed thread is always alive.
-    threads: Mutex<HashMap<ConnId, libc::pthread_t>>,
+    threads: Mutex<HashMap<ConnId, Thread>>,
 }
 
 impl Shared {
@@ -76,7 +76,7 @@ impl Shared {
         self.open.load(Ordering::SeqCst)
     }
 
-    fn threads(&self) -> MutexGuard<'_, HashMap<ConnId, libc::pthread_t>> {
+    fn threads(&self) -> MutexGuard<'_, HashMap<ConnId, Thread>> {
         self.threads.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -87,7 +87,7 @@ impl Shared {
             // SAFETY: listed threads are alive (see `threads`); the signal
             // has a no-op handler, installed in `run`.
             unsafe {
-                libc::pthread_kill(*thread, WAKE_SIGNAL);
+                libc::pthread_kill(thread.0, WAKE_SIGNAL);
             }
         }
     }
@@ -121,6 +121,14 @@ impl Shared {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
+
+/// A connection thread's pthread handle (a pointer on musl, an integer on
+/// glibc), only ever used to signal that thread.
+struct Thread(libc::pthread_t);
+
+// SAFETY: the handle is an opaque id; sending it to another thread and
+// passing it to pthread_kill there is what it is for.
+unsafe impl Send for Thread {}
 
 /// Releases a connection slot when the connection thread ends, however.
 struct Slot {
@@ -340,7 +348,9 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
             .spawn(move || {
                 let shared = slot.shared.clone();
                 // SAFETY: pthread_self has no preconditions.
-                shared.threads().insert(id, unsafe { libc::pthread_self() });
+                shared
+                    .threads()
+                    .insert(id, Thread(unsafe { libc::pthread_self() }));
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     connection::serve(&shared, id, stream, peer)
                 }));
