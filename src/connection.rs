@@ -25,10 +25,11 @@ use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
 use crate::auth;
-use crate::http::{self, Head, HeadError, Transport};
+use crate::http::{self, Head, HeadError};
 use crate::metrics::{self, Removal};
 use crate::provide::{self, Entry, Registration};
 use crate::server::Shared;
+use crate::transport::{is_timeout, Socket, Transport};
 use crate::worker::{Ack, ConnId};
 
 /// A request head must be complete within this (slowloris).
@@ -81,12 +82,13 @@ pub fn serve(shared: &Arc<Shared>, id: ConnId, stream: TcpStream, peer: SocketAd
     // Best effort: a socket that cannot take a timeout is already broken and
     // its first write will say so.
     let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+    let socket = Socket::new(stream);
     match &shared.tls {
         Some(config) => match rustls::ServerConnection::new(config.clone()) {
-            Ok(conn) => serve_on(shared, id, rustls::StreamOwned::new(conn, stream), peer),
+            Ok(conn) => serve_on(shared, id, rustls::StreamOwned::new(conn, socket), peer),
             Err(e) => warn!("{peer}: cannot start TLS: {e}"),
         },
-        None => serve_on(shared, id, stream, peer),
+        None => serve_on(shared, id, socket, peer),
     }
 }
 
@@ -188,18 +190,13 @@ fn provide<T: Transport>(
     peer: SocketAddr,
     head: Head,
 ) {
-    let parsed = provide::parse_with_token(&head.query, peer_ip(&peer), &shared.layout);
+    let parsed = provide::parse(&head.query, peer_ip(&peer), &shared.layout);
     // Access control answers in HTTP, before the upgrade: a client that may
     // not register gets no websocket at all.
     if let Some(tokens) = shared.tokens() {
-        let presented = auth::presented_token(
-            head.header("authorization"),
-            parsed.as_ref().ok().and_then(|(_, t)| t.as_deref()),
-        );
-        let service = parsed
-            .as_ref()
-            .map(|(r, _)| r.service.as_str())
-            .unwrap_or("");
+        let query_token = provide::token_param(&head.query);
+        let presented = auth::presented_token(head.header("authorization"), query_token.as_deref());
+        let service = parsed.as_ref().map(|r| r.service.as_str()).unwrap_or("");
         match tokens.check(presented, service) {
             Ok(()) => {}
             Err(auth::Denied::Unauthenticated) => {
@@ -220,7 +217,7 @@ fn provide<T: Transport>(
             Err(auth::Denied::Forbidden) => {}
         }
     }
-    if let Ok((r, _)) = &parsed {
+    if let Ok(r) = &parsed {
         if shared.host_must_match_peer && !host_is_peer(&r.host, &peer) {
             info!("{peer}: host {} is not the peer's address: 403", r.host);
             shared.metrics.registration(metrics::Registration::Refused);
@@ -249,7 +246,7 @@ fn provide<T: Transport>(
     }
     let mut ws = WebSocket::from_partially_read(stream, head.rest, Role::Server, Some(ws_config()));
     let registration = match parsed {
-        Ok((r, _)) => r,
+        Ok(r) => r,
         Err(refusal) => {
             info!("{peer}: refused /provide: {refusal}");
             shared.metrics.registration(metrics::Registration::Refused);
@@ -259,6 +256,7 @@ fn provide<T: Transport>(
                 CloseCode::Policy,
                 &reason,
                 Some(&format!("ERROR: {reason}")),
+                true,
             );
             return;
         }
@@ -295,11 +293,14 @@ fn host_is_peer(host: &str, peer: &SocketAddr) -> bool {
 /// Sends a close frame (after `message`, if any) and waits up to
 /// `CLOSE_WAIT` for the client's answering close, so the frames reach the
 /// client instead of being lost to a reset when the socket is dropped.
+/// `drain` is false after a frame error: tungstenite keeps the offending
+/// frame and must not be read again.
 fn close<T: Transport>(
     ws: &mut WebSocket<T>,
     code: CloseCode,
     reason: &str,
     message: Option<&str>,
+    drain: bool,
 ) {
     if let Some(m) = message {
         let _ = ws.send(Message::Text(m.to_string().into()));
@@ -317,12 +318,13 @@ fn close<T: Transport>(
     // heading anyway.
     let _ = ws.close(Some(frame));
     let _ = ws.flush();
-    let deadline = Instant::now() + CLOSE_WAIT;
+    if !drain {
+        return;
+    }
+    ws.get_mut()
+        .socket()
+        .set_deadline(Some(Instant::now() + CLOSE_WAIT));
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || ws.get_ref().tcp().set_read_timeout(Some(left)).is_err() {
-            return;
-        }
         match ws.read() {
             Ok(_) => {}
             Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -348,13 +350,12 @@ fn hold<T: Transport>(
     let mut last_heard = Instant::now();
     let mut next_ping = last_heard + ping_every;
     let mut first_wait = true;
-    let mut current_timeout = None;
     let mut tokens = MSG_BURST;
     let mut last_refill = Instant::now();
 
     loop {
         if shared.is_shutting_down() {
-            close(ws, CloseCode::Away, "skyapi shutting down", None);
+            close(ws, CloseCode::Away, "skyapi shutting down", None, true);
             return Removal::Shutdown;
         }
         if !*acked {
@@ -388,12 +389,25 @@ fn hold<T: Transport>(
                     info!("register {who} name={}", entry.name);
                 }
                 Ok(Err(why)) => {
-                    close(ws, CloseCode::Away, &why, None);
-                    return Removal::Shutdown;
+                    if shared.is_shutting_down() {
+                        close(ws, CloseCode::Away, &why, None, true);
+                        return Removal::Shutdown;
+                    }
+                    // etcd refused this entry: the client must not think it
+                    // is registered.
+                    warn!("{who}: {why}: closing");
+                    close(
+                        ws,
+                        CloseCode::Error,
+                        &why,
+                        Some(&format!("ERROR: {why}")),
+                        true,
+                    );
+                    return Removal::Error;
                 }
                 Err(TryRecvError::Empty) => {}
                 Err(TryRecvError::Disconnected) => {
-                    close(ws, CloseCode::Away, "skyapi shutting down", None);
+                    close(ws, CloseCode::Away, "skyapi shutting down", None, true);
                     return Removal::Shutdown;
                 }
             }
@@ -413,17 +427,11 @@ fn hold<T: Transport>(
             next_ping = now + ping_every;
         }
 
-        let mut wait = next_ping.min(dead_at).saturating_duration_since(now);
+        let mut wake = next_ping.min(dead_at);
         if !*acked {
-            wait = wait.min(ACK_POLL);
+            wake = wake.min(now + ACK_POLL);
         }
-        let wait = wait.max(Duration::from_millis(1));
-        if current_timeout != Some(wait) {
-            if ws.get_ref().tcp().set_read_timeout(Some(wait)).is_err() {
-                return Removal::Error;
-            }
-            current_timeout = Some(wait);
-        }
+        ws.get_mut().socket().set_deadline(Some(wake));
 
         match ws.read() {
             Ok(msg) => {
@@ -440,7 +448,7 @@ fn hold<T: Transport>(
                         tokens = (tokens + elapsed * MSG_RATE).min(MSG_BURST) - 1.0;
                         if tokens < 0.0 {
                             warn!("{who}: client floods messages: closing");
-                            close(ws, CloseCode::Policy, "too many messages", None);
+                            close(ws, CloseCode::Policy, "too many messages", None, true);
                             return Removal::Error;
                         }
                     }
@@ -451,10 +459,10 @@ fn hold<T: Transport>(
             // A timeout is the moment to ping or give up (loop top); an
             // interruption is shutdown waking us (loop top, too).
             Err(tungstenite::Error::Io(e))
-                if http::is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {}
+                if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 if shared.is_shutting_down() {
-                    close(ws, CloseCode::Away, "skyapi shutting down", None);
+                    close(ws, CloseCode::Away, "skyapi shutting down", None, true);
                     return Removal::Shutdown;
                 }
                 return match e {
@@ -463,7 +471,7 @@ fn hold<T: Transport>(
                     }
                     tungstenite::Error::Capacity(c) => {
                         warn!("{who}: {c}: closing");
-                        close(ws, CloseCode::Size, "message too big", None);
+                        close(ws, CloseCode::Size, "message too big", None, false);
                         Removal::Error
                     }
                     tungstenite::Error::Protocol(
@@ -471,7 +479,7 @@ fn hold<T: Transport>(
                     ) => Removal::Close,
                     tungstenite::Error::Protocol(p) => {
                         info!("{who}: protocol error: {p}: closing");
-                        close(ws, CloseCode::Protocol, "protocol error", None);
+                        close(ws, CloseCode::Protocol, "protocol error", None, false);
                         Removal::Error
                     }
                     other => {

@@ -28,6 +28,8 @@ use crate::worker::{Store, StoredKv};
 /// after etcd comes back; long enough for a loaded etcd to answer.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_millis(1500);
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
+/// Keys per page of the reconcile's range read.
+const LIST_PAGE: i64 = 10_000;
 
 pub struct EtcdStore {
     rt: Runtime,
@@ -107,7 +109,13 @@ impl EtcdStore {
                 self.client = Some(c.clone());
                 Ok(c)
             }
-            Ok(Err(e)) => Err(StoreError::Unavailable(format!("connect: {e}"))),
+            // A refused login (wrong password) is `Rejected`: the worker
+            // then backs off instead of hammering etcd's bcrypt.
+            Ok(Err(e)) => Err(match self.classify(e) {
+                StoreError::Rejected(m) => StoreError::Rejected(format!("connect: {m}")),
+                StoreError::Unavailable(m) => StoreError::Unavailable(format!("connect: {m}")),
+                other => other,
+            }),
             Err(_) => Err(StoreError::Unavailable("connect timed out".into())),
         }
     }
@@ -136,7 +144,7 @@ impl EtcdStore {
             }
             other => {
                 self.keeper = None;
-                StoreError::Unavailable(other.to_string())
+                StoreError::Unavailable(error_chain(&other))
             }
         }
     }
@@ -187,7 +195,7 @@ impl Store for EtcdStore {
         }
     }
 
-    fn put(&mut self, kvs: &[(String, String)], lease: i64) -> Result<(), StoreError> {
+    fn put(&mut self, kvs: &[(String, String)], lease: i64) -> Result<i64, StoreError> {
         let ops: Vec<TxnOp> = kvs
             .iter()
             .map(|(k, v)| {
@@ -198,8 +206,8 @@ impl Store for EtcdStore {
                 )
             })
             .collect();
-        self.call(|mut c| async move { c.txn(Txn::new().and_then(ops)).await })
-            .map(|_| ())
+        let resp = self.call(|mut c| async move { c.txn(Txn::new().and_then(ops)).await })?;
+        Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
     }
 
     fn delete_owned(&mut self, keys: &[String], lease: i64) -> Result<(), StoreError> {
@@ -220,19 +228,62 @@ impl Store for EtcdStore {
     }
 
     fn list(&mut self, dir: &str) -> Result<Vec<StoredKv>, StoreError> {
-        let dir = dir.to_string();
-        let resp = self.call(|mut c| async move {
-            c.get(dir.as_str(), Some(GetOptions::new().with_prefix()))
-                .await
-        })?;
-        Ok(resp
-            .kvs()
-            .iter()
-            .map(|kv| StoredKv {
+        // Keys only, in pages: the answer for tens of thousands of entries
+        // stays far below gRPC's 4 MiB message limit, and values (which the
+        // reconcile does not need) are never sent.
+        let end = prefix_end(dir.as_bytes());
+        let mut from = dir.as_bytes().to_vec();
+        let mut out = Vec::new();
+        loop {
+            let (start, range_end) = (from.clone(), end.clone());
+            let resp = self.call(|mut c| async move {
+                let options = GetOptions::new()
+                    .with_range(range_end)
+                    .with_keys_only()
+                    .with_limit(LIST_PAGE);
+                c.get(start, Some(options)).await
+            })?;
+            out.extend(resp.kvs().iter().map(|kv| StoredKv {
                 key: String::from_utf8_lossy(kv.key()).into_owned(),
-                value: String::from_utf8_lossy(kv.value()).into_owned(),
                 lease: kv.lease(),
-            })
-            .collect())
+                mod_revision: kv.mod_revision(),
+            }));
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok(out),
+            }
+        }
     }
+}
+
+/// An error with its causes: tonic's own text ("transport error") hides
+/// what an operator needs ("invalid peer certificate: UnknownIssuer").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// The end of the range holding every key that starts with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // All 0xff: to the end of the keyspace.
+    vec![0]
 }

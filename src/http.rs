@@ -10,10 +10,8 @@
 //! key from tungstenite), because the head has already been read: handing
 //! the socket to `tungstenite::accept_hdr` would mean parsing it twice.
 
-use std::io::{self, Read, Write};
-use std::net::TcpStream;
-
-use rustls::{ServerConnection, StreamOwned};
+use crate::transport::{is_timeout, Transport};
+use std::io::{self, Write};
 use std::time::Instant;
 
 /// Largest request head (request line and headers) we read.
@@ -63,38 +61,13 @@ pub enum HeadError {
     Malformed(String),
 }
 
-/// A connection's byte stream, plain TCP or TLS over it; `tcp` reaches the
-/// socket underneath for timeouts.
-pub trait Transport: Read + Write {
-    fn tcp(&self) -> &TcpStream;
-}
-
-impl Transport for TcpStream {
-    fn tcp(&self) -> &TcpStream {
-        self
-    }
-}
-
-impl Transport for StreamOwned<ServerConnection, TcpStream> {
-    fn tcp(&self) -> &TcpStream {
-        &self.sock
-    }
-}
-
 /// Reads one request head from `stream`, failing at `deadline`. With TLS
 /// the TLS handshake happens here too, under the same deadline.
 pub fn read_head<T: Transport>(stream: &mut T, deadline: Instant) -> Result<Head, HeadError> {
+    stream.socket().set_deadline(Some(deadline));
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(HeadError::TimedOut);
-        }
-        stream
-            .tcp()
-            .set_read_timeout(Some(left))
-            .map_err(|_| HeadError::Gone)?;
         let n = match stream.read(&mut chunk) {
             Ok(0) => return Err(HeadError::Gone),
             Ok(n) => n,
@@ -134,14 +107,6 @@ pub fn read_head<T: Transport>(stream: &mut T, deadline: Instant) -> Result<Head
             Err(e) => return Err(HeadError::Malformed(e.to_string())),
         }
     }
-}
-
-/// WouldBlock and TimedOut both mean "the read timeout passed" on Unix.
-pub fn is_timeout(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
 }
 
 /// Writes a complete plain response and leaves the connection to be closed.

@@ -14,6 +14,7 @@
 //! - `server`: listener, accept loop, signals and shutdown;
 //! - `sidecar`: `skyapi provide`, the reconnecting client;
 //! - `tls`: rustls configuration for wss://;
+//! - `transport`: the socket with a per-read deadline, plain or under TLS;
 //! - `error`: the error types of each boundary.
 
 pub mod auth;
@@ -28,4 +29,5 @@ pub mod provide;
 pub mod server;
 pub mod sidecar;
 pub mod tls;
+pub mod transport;
 pub mod worker;

@@ -360,7 +360,7 @@ impl<S: Store> Store for Metered<S> {
     fn revoke(&mut self, lease: i64) -> Result<(), StoreError> {
         self.timed(Op::Revoke, |s| s.revoke(lease))
     }
-    fn put(&mut self, kvs: &[(String, String)], lease: i64) -> Result<(), StoreError> {
+    fn put(&mut self, kvs: &[(String, String)], lease: i64) -> Result<i64, StoreError> {
         self.timed(Op::Put, |s| s.put(kvs, lease))
     }
     fn delete_owned(&mut self, keys: &[String], lease: i64) -> Result<(), StoreError> {

@@ -90,16 +90,6 @@ pub struct Entry {
 /// Parses and validates a raw query string (without the `?`). `peer` is the
 /// connection's address, already unmapped from `::ffff:a.b.c.d`.
 pub fn parse(query: &str, peer: IpAddr, layout: &Layout) -> Result<Registration, Refusal> {
-    parse_with_token(query, peer, layout).map(|(r, _)| r)
-}
-
-/// `parse`, also returning the `token=` parameter (the bearer token of
-/// `--token-file`, which means nothing to the entry).
-pub fn parse_with_token(
-    query: &str,
-    peer: IpAddr,
-    layout: &Layout,
-) -> Result<(Registration, Option<String>), Refusal> {
     let mut service = None;
     let mut port = None;
     let mut host = None;
@@ -108,7 +98,6 @@ pub fn parse_with_token(
     let mut category = None;
     let mut prefix = None;
     let mut ttl = None;
-    let mut token = None;
 
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (raw_name, raw_value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -123,7 +112,9 @@ pub fn parse_with_token(
             "category" => &mut category,
             "prefix" => &mut prefix,
             "ttl" => &mut ttl,
-            "token" => &mut token,
+            // The bearer token of --token-file (see `token_param`); it
+            // means nothing to the entry.
+            "token" => continue,
             other => {
                 return Err(Refusal::new(format!(
                     "unknown parameter {:?}",
@@ -184,19 +175,27 @@ pub fn parse_with_token(
         Some(h) => valid_host(h)?.to_string(),
     };
 
-    Ok((
-        Registration {
-            service,
-            category,
-            host,
-            port,
-            priority,
-            weight,
-            prefix,
-            ttl,
-        },
-        token,
-    ))
+    Ok(Registration {
+        service,
+        category,
+        host,
+        port,
+        priority,
+        weight,
+        prefix,
+        ttl,
+    })
+}
+
+/// The `token=` parameter, decoded, whether or not the rest of the query is
+/// valid: a client with a good token and a bad parameter should hear about
+/// the parameter, not about its token.
+pub fn token_param(query: &str) -> Option<String> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(name, _)| percent_decode(name).is_ok_and(|n| n == "token"))
+        .and_then(|(_, value)| percent_decode(value).ok())
 }
 
 impl Registration {

@@ -127,7 +127,7 @@ impl Sidecar {
             }
             let server = self.config.servers[self.next_server % self.config.servers.len()].clone();
             match self.connect(&server) {
-                Ok(mut ws) => match self.hold(&mut ws) {
+                Ok(mut ws) => match self.hold(&mut ws, &server) {
                     End::Stopped => return,
                     End::CheckFailed => {}
                     End::Lost(why) => {
@@ -204,38 +204,13 @@ impl Sidecar {
                 .map_err(|_| "the token is not a valid header value".to_string())?;
             request.headers_mut().insert("Authorization", value);
         }
-        let (mut ws, _) = tungstenite::client::client(request, stream).map_err(|e| match e {
+        let (ws, _) = tungstenite::client::client(request, stream).map_err(|e| match e {
             tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r)) => {
                 format!("refused with HTTP {}", r.status())
             }
             other => format!("handshake failed: {other}"),
         })?;
-        // The server's first message: the registration, or ERROR and close.
-        loop {
-            match ws.read() {
-                Ok(Message::Text(t)) if t.starts_with("ERROR:") => {
-                    return Err(format!("refused: {}", &t[6..].trim()));
-                }
-                Ok(Message::Text(t)) => {
-                    let v: serde_json::Value = serde_json::from_str(&t).unwrap_or_default();
-                    info!(
-                        "registered {} at {server} (key {})",
-                        v["name"].as_str().unwrap_or("?"),
-                        v["key"].as_str().unwrap_or("?")
-                    );
-                    self.backoff.reset();
-                    return Ok(ws);
-                }
-                Ok(Message::Close(f)) => {
-                    return Err(format!("closed before registering: {f:?}"));
-                }
-                Ok(_) => {}
-                Err(e) => return Err(format!("no registration: {e}")),
-            }
-            if self.stopped() {
-                return Err("stopping".into());
-            }
-        }
+        Ok(ws)
     }
 
     /// The TLS client configuration, built on first use: roots from
@@ -264,11 +239,16 @@ impl Sidecar {
         Ok(config)
     }
 
-    /// Pings every interval, runs the check, and watches for the end.
-    fn hold(&mut self, ws: &mut WebSocket<Conn>) -> End {
+    /// Waits for the server's first message (the registration, or ERROR
+    /// and a close), then holds the connection: pings every interval, runs
+    /// the check, and watches for the end. Waiting for the registration is
+    /// part of holding, because the server queues it while etcd is down:
+    /// as long as the server answers pings, the connection is worth keeping.
+    fn hold(&mut self, ws: &mut WebSocket<Conn>, server: &str) -> End {
         let interval = self.config.interval;
         let mut last_heard = Instant::now();
         let mut next_tick = Instant::now() + interval;
+        let mut registered = false;
         loop {
             if self.stopped() {
                 close(ws, CloseCode::Normal, "sidecar stopping");
@@ -298,6 +278,20 @@ impl Sidecar {
                         Some(f) => format!("server closed ({}: {})", u16::from(f.code), f.reason),
                         None => "server closed".into(),
                     });
+                }
+                Ok(Message::Text(t)) if !registered => {
+                    last_heard = Instant::now();
+                    if let Some(why) = t.strip_prefix("ERROR:") {
+                        return End::Lost(format!("refused: {}", why.trim()));
+                    }
+                    let v: serde_json::Value = serde_json::from_str(&t).unwrap_or_default();
+                    info!(
+                        "registered {} at {server} (key {})",
+                        v["name"].as_str().unwrap_or("?"),
+                        v["key"].as_str().unwrap_or("?")
+                    );
+                    registered = true;
+                    self.backoff.reset();
                 }
                 Ok(m) => {
                     debug!("heard {:?}", m_kind(&m));
@@ -370,9 +364,19 @@ pub fn run_check(check: &Check) -> Result<(), String> {
                 "GET {path} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: skyapi-provide\r\n\r\n"
             )
             .map_err(|e| format!("{addr}: {e}"))?;
-            let mut head = [0u8; 64];
-            let n = s.read(&mut head).map_err(|e| format!("{addr}: {e}"))?;
-            let line = String::from_utf8_lossy(&head[..n]);
+            // The status line may arrive in pieces: read until its end (or
+            // 64 bytes, plenty for "HTTP/1.1 200 OK").
+            let mut head = Vec::with_capacity(64);
+            let mut buf = [0u8; 64];
+            while !head.contains(&b'\n') && head.len() < 64 {
+                match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(format!("{addr}: {e}")),
+                }
+            }
+            let line = String::from_utf8_lossy(&head);
             let status: u16 = line
                 .split_whitespace()
                 .nth(1)

@@ -21,16 +21,23 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 
 use crate::error::StoreError;
 use crate::metrics::Metrics;
 
 /// Most operations in one etcd transaction: etcd's default `--max-txn-ops`.
 pub const MAX_TXN_OPS: usize = 128;
+/// Conditional deletes per transaction: each is a nested transaction, and
+/// etcd counts the nested operations against the same limit as the outer
+/// ones (measured with etcd 3.4: 128 nested deletes are refused with "too
+/// many operations in txn request").
+pub const MAX_DELETES_PER_TXN: usize = MAX_TXN_OPS / 2;
 /// How soon failed etcd work is retried. Keeps "written within 2 s of etcd
 /// answering again" with room for one timed-out attempt.
 pub const RETRY: Duration = Duration::from_millis(500);
+/// Longest wait between attempts while etcd refuses us.
+pub const MAX_REJECTED_BACKOFF: Duration = Duration::from_secs(30);
 /// Commands drained from the channel before writing, so a reconnect storm
 /// becomes a few full transactions instead of one per client.
 const MAX_BATCH: usize = 4096;
@@ -41,12 +48,13 @@ pub type ConnId = u64;
 /// The answer to a registration: `Ok` once the entry is in etcd.
 pub type Ack = Result<(), String>;
 
-/// A key/value pair as read back from etcd.
+/// A key as read back from etcd (without its value: the reconcile only
+/// needs to know whether it is there, whose it is, and whether it changed).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredKv {
     pub key: String,
-    pub value: String,
     pub lease: i64,
+    pub mod_revision: i64,
 }
 
 /// The etcd operations the worker needs; each call is bounded in time.
@@ -56,11 +64,12 @@ pub trait Store {
     /// Renews the lease; `LeaseNotFound` when etcd no longer has it.
     fn keep_alive(&mut self, lease: i64) -> Result<(), StoreError>;
     fn revoke(&mut self, lease: i64) -> Result<(), StoreError>;
-    /// Puts every pair, attached to `lease`, in one transaction.
-    fn put(&mut self, kvs: &[(String, String)], lease: i64) -> Result<(), StoreError>;
+    /// Puts every pair, attached to `lease`, in one transaction; returns
+    /// the transaction's revision (every key's new `mod_revision`).
+    fn put(&mut self, kvs: &[(String, String)], lease: i64) -> Result<i64, StoreError>;
     /// Deletes each key that is still attached to `lease`, in one transaction.
     fn delete_owned(&mut self, keys: &[String], lease: i64) -> Result<(), StoreError>;
-    /// Every key under `dir`, with value and lease.
+    /// Every key under `dir`, with its lease and `mod_revision`.
     fn list(&mut self, dir: &str) -> Result<Vec<StoredKv>, StoreError>;
 }
 
@@ -178,6 +187,9 @@ struct Desired {
     holders: Vec<(ConnId, String)>,
     /// Registrations waiting for the put to succeed.
     waiters: Vec<Sender<Ack>>,
+    /// etcd's revision of our last put of this key: the reconcile tells a
+    /// key changed behind our back by a different `mod_revision`.
+    stored_revision: Option<i64>,
 }
 
 pub struct Worker<S: Store> {
@@ -194,6 +206,8 @@ pub struct Worker<S: Store> {
     retry_at: Instant,
     /// Whether a lease was ever granted: a later grant is a re-grant.
     had_lease: bool,
+    /// Consecutive refusals by etcd, for the backoff.
+    rejected_streak: u32,
     health: SharedHealth,
     metrics: Arc<Metrics>,
 }
@@ -219,6 +233,7 @@ impl<S: Store> Worker<S> {
             next_reconcile: now + ttl / 3,
             retry_at: now,
             had_lease: false,
+            rejected_streak: 0,
             health,
             metrics,
         }
@@ -359,7 +374,10 @@ impl<S: Store> Worker<S> {
         }
     }
 
-    /// Writes pending deletes and puts, in transactions of `MAX_TXN_OPS`.
+    /// Writes pending deletes, then pending puts, in as few transactions as
+    /// etcd allows. A batch etcd rejects is split until the one key at fault
+    /// is found; that key is given up (and its connection told), so one bad
+    /// request never holds back the others.
     fn flush(&mut self, now: Instant) {
         if now < self.retry_at || (self.to_put.is_empty() && self.to_delete.is_empty()) {
             return;
@@ -368,8 +386,9 @@ impl<S: Store> Worker<S> {
         let Some(lease) = self.lease else {
             return;
         };
+        let mut batch = MAX_DELETES_PER_TXN;
         while !self.to_delete.is_empty() {
-            let chunk: Vec<String> = self.to_delete.iter().take(MAX_TXN_OPS).cloned().collect();
+            let chunk: Vec<String> = self.to_delete.iter().take(batch).cloned().collect();
             match self.store.delete_owned(&chunk, lease) {
                 Ok(()) => {
                     for k in &chunk {
@@ -377,29 +396,50 @@ impl<S: Store> Worker<S> {
                         self.to_delete.remove(k);
                     }
                 }
+                Err(StoreError::Rejected(_)) if chunk.len() > 1 => batch = chunk.len() / 2,
+                Err(StoreError::Rejected(why)) => {
+                    // The lease expiry removes it if the process goes.
+                    error!("etcd refuses to delete {}: {why}", chunk[0]);
+                    self.to_delete.remove(&chunk[0]);
+                }
                 Err(e) => return self.failed(e, now),
             }
         }
+        let mut batch = MAX_TXN_OPS;
         while !self.to_put.is_empty() {
-            let chunk: Vec<(String, String)> = self
-                .to_put
+            let keys: Vec<String> = self.to_put.iter().take(batch).cloned().collect();
+            let chunk: Vec<(String, String)> = keys
                 .iter()
-                .take(MAX_TXN_OPS)
-                .filter_map(|k| {
-                    let d = self.entries.get(k)?;
-                    Some((k.clone(), d.holders.last()?.1.clone()))
-                })
+                .filter_map(|k| Some((k.clone(), self.entries.get(k)?.holders.last()?.1.clone())))
                 .collect();
-            let keys: Vec<String> = self.to_put.iter().take(MAX_TXN_OPS).cloned().collect();
-            if !chunk.is_empty() {
-                if let Err(e) = self.store.put(&chunk, lease) {
-                    return self.failed(e, now);
+            let revision = if chunk.is_empty() {
+                None
+            } else {
+                match self.store.put(&chunk, lease) {
+                    Ok(rev) => Some(rev),
+                    Err(StoreError::Rejected(_)) if keys.len() > 1 => {
+                        batch = keys.len() / 2;
+                        continue;
+                    }
+                    Err(StoreError::Rejected(why)) => {
+                        error!("etcd refuses to store {}: {why}", keys[0]);
+                        self.to_put.remove(&keys[0]);
+                        if let Some(d) = self.entries.remove(&keys[0]) {
+                            for w in d.waiters {
+                                // The connection may have gone meanwhile.
+                                let _ = w.send(Err(format!("etcd refused the entry: {why}")));
+                            }
+                        }
+                        continue;
+                    }
+                    Err(e) => return self.failed(e, now),
                 }
-            }
+            };
             for k in &keys {
                 self.to_put.remove(k);
                 if let Some(d) = self.entries.get_mut(k) {
                     debug!("stored {k}");
+                    d.stored_revision = revision;
                     for w in d.waiters.drain(..) {
                         // The connection may have gone meanwhile.
                         let _ = w.send(Ok(()));
@@ -410,8 +450,10 @@ impl<S: Store> Worker<S> {
         self.mark_up();
     }
 
-    /// Compares etcd with the desired state in one range read: restores keys
-    /// removed behind our back and deletes our own leftovers.
+    /// Compares etcd with the desired state in one keys-only range read:
+    /// restores keys removed or changed behind our back and deletes our own
+    /// leftovers. A key attached to another lease is another instance's
+    /// newer registration of the same process, and is left alone.
     fn reconcile(&mut self, now: Instant) {
         let Some(lease) = self.lease else { return };
         let stored = match self.store.list(&self.dir) {
@@ -421,20 +463,18 @@ impl<S: Store> Worker<S> {
         let stored: BTreeMap<&str, &StoredKv> =
             stored.iter().map(|kv| (kv.key.as_str(), kv)).collect();
         for (key, d) in &self.entries {
-            let Some((_, want)) = d.holders.last() else {
+            if self.to_put.contains(key) {
                 continue;
-            };
+            }
             match stored.get(key.as_str()) {
                 None => {
                     warn!("{key} is missing from etcd: restoring it");
                     self.to_put.insert(key.clone());
                 }
-                Some(kv) if kv.lease == lease && kv.value != *want => {
+                Some(kv) if kv.lease == lease && d.stored_revision != Some(kv.mod_revision) => {
                     warn!("{key} was changed in etcd: restoring it");
                     self.to_put.insert(key.clone());
                 }
-                // Attached to another lease: another instance's newer
-                // registration of the same process wins.
                 Some(_) => {}
             }
         }
@@ -460,6 +500,18 @@ impl<S: Store> Worker<S> {
                 self.next_keepalive = now;
             }
             StoreError::Unavailable(ref why) | StoreError::Rejected(ref why) => {
+                // etcd down: retry soon, so work is written promptly when it
+                // is back. etcd refusing (a wrong password, no permission):
+                // back off up to `MAX_REJECTED_BACKOFF`, since asking again at
+                // once changes nothing and costs etcd (a login is a bcrypt).
+                self.retry_at = match e {
+                    StoreError::Rejected(_) => {
+                        self.rejected_streak = self.rejected_streak.saturating_add(1);
+                        let backoff = RETRY * 2u32.saturating_pow(self.rejected_streak.min(6));
+                        now + backoff.min(MAX_REJECTED_BACKOFF)
+                    }
+                    _ => now + RETRY,
+                };
                 let pending = self.pending();
                 let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
                 // Warn on the way down, and on the first failure at start-up.
@@ -472,12 +524,12 @@ impl<S: Store> Worker<S> {
                     debug!("{e}");
                 }
                 h.last_error = Some(why.clone());
-                self.retry_at = now + RETRY;
             }
         }
     }
 
     fn mark_up(&mut self) {
+        self.rejected_streak = 0;
         let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
         if !h.etcd_up {
             info!("etcd answers");
@@ -522,13 +574,18 @@ mod tests {
     use std::cell::RefCell;
     use std::rc::Rc;
 
-    /// An in-memory etcd: keys with leases, a switch to make it unreachable.
+    /// An in-memory etcd: keys with leases and revisions, etcd's limit on
+    /// operations per transaction, a switch to make it unreachable, and keys
+    /// it refuses to store.
     #[derive(Default)]
     struct FakeEtcd {
-        kv: BTreeMap<String, (String, i64)>,
+        /// key -> (value, lease, mod_revision)
+        kv: BTreeMap<String, (String, i64, i64)>,
+        revision: i64,
         leases: BTreeSet<i64>,
         next_lease: i64,
         down: bool,
+        refused: BTreeSet<String>,
         calls: Vec<&'static str>,
     }
 
@@ -536,28 +593,42 @@ mod tests {
     struct Fake(Rc<RefCell<FakeEtcd>>);
 
     impl Fake {
-        fn check(&self, op: &'static str) -> Result<(), StoreError> {
+        fn check(&self, op: &'static str, ops: usize) -> Result<(), StoreError> {
             let mut e = self.0.borrow_mut();
             e.calls.push(op);
             if e.down {
-                Err(StoreError::Unavailable("down".into()))
-            } else {
-                Ok(())
+                return Err(StoreError::Unavailable("down".into()));
             }
+            if ops > MAX_TXN_OPS {
+                return Err(StoreError::Rejected(
+                    "etcdserver: too many operations in txn request".into(),
+                ));
+            }
+            Ok(())
         }
         fn get(&self, k: &str) -> Option<(String, i64)> {
-            self.0.borrow().kv.get(k).cloned()
+            self.0.borrow().kv.get(k).map(|(v, l, _)| (v.clone(), *l))
+        }
+        /// Someone else writes a key (another instance, an operator).
+        fn put_foreign(&self, k: &str, v: &str, lease: i64) {
+            let mut e = self.0.borrow_mut();
+            e.revision += 1;
+            let rev = e.revision;
+            e.kv.insert(k.into(), (v.into(), lease, rev));
         }
         fn revoke_all(&self) {
             let mut e = self.0.borrow_mut();
             e.leases.clear();
-            e.kv.retain(|_, (_, l)| *l == 0);
+            e.kv.retain(|_, (_, l, _)| *l == 0);
+        }
+        fn count(&self, op: &str) -> usize {
+            self.0.borrow().calls.iter().filter(|c| **c == op).count()
         }
     }
 
     impl Store for Fake {
         fn grant(&mut self, _ttl: i64) -> Result<i64, StoreError> {
-            self.check("grant")?;
+            self.check("grant", 1)?;
             let mut e = self.0.borrow_mut();
             e.next_lease += 1;
             let id = e.next_lease;
@@ -565,7 +636,7 @@ mod tests {
             Ok(id)
         }
         fn keep_alive(&mut self, lease: i64) -> Result<(), StoreError> {
-            self.check("keepalive")?;
+            self.check("keepalive", 1)?;
             if self.0.borrow().leases.contains(&lease) {
                 Ok(())
             } else {
@@ -573,46 +644,52 @@ mod tests {
             }
         }
         fn revoke(&mut self, lease: i64) -> Result<(), StoreError> {
-            self.check("revoke")?;
+            self.check("revoke", 1)?;
             let mut e = self.0.borrow_mut();
             e.leases.remove(&lease);
-            e.kv.retain(|_, (_, l)| *l != lease);
+            e.kv.retain(|_, (_, l, _)| *l != lease);
             Ok(())
         }
-        fn put(&mut self, kvs: &[(String, String)], lease: i64) -> Result<(), StoreError> {
-            self.check("put")?;
-            assert!(kvs.len() <= MAX_TXN_OPS);
+        fn put(&mut self, kvs: &[(String, String)], lease: i64) -> Result<i64, StoreError> {
+            self.check("put", kvs.len())?;
             let mut e = self.0.borrow_mut();
             if !e.leases.contains(&lease) {
                 return Err(StoreError::LeaseNotFound);
             }
-            for (k, v) in kvs {
-                e.kv.insert(k.clone(), (v.clone(), lease));
+            if let Some((k, _)) = kvs.iter().find(|(k, _)| e.refused.contains(k)) {
+                return Err(StoreError::Rejected(format!("permission denied: {k}")));
             }
-            Ok(())
+            e.revision += 1;
+            let rev = e.revision;
+            for (k, v) in kvs {
+                e.kv.insert(k.clone(), (v.clone(), lease, rev));
+            }
+            Ok(rev)
         }
         fn delete_owned(&mut self, keys: &[String], lease: i64) -> Result<(), StoreError> {
-            self.check("delete")?;
+            // An outer operation and a nested one per key, as etcd counts.
+            self.check("delete", keys.len() * 2)?;
             let mut e = self.0.borrow_mut();
+            e.revision += 1;
             for k in keys {
-                if e.kv.get(k).is_some_and(|(_, l)| *l == lease) {
+                if e.kv.get(k).is_some_and(|(_, l, _)| *l == lease) {
                     e.kv.remove(k);
                 }
             }
             Ok(())
         }
         fn list(&mut self, dir: &str) -> Result<Vec<StoredKv>, StoreError> {
-            self.check("list")?;
+            self.check("list", 1)?;
             Ok(self
                 .0
                 .borrow()
                 .kv
                 .iter()
                 .filter(|(k, _)| k.starts_with(dir))
-                .map(|(k, (v, l))| StoredKv {
+                .map(|(k, (_, l, r))| StoredKv {
                     key: k.clone(),
-                    value: v.clone(),
                     lease: *l,
+                    mod_revision: *r,
                 })
                 .collect())
         }
@@ -733,23 +810,13 @@ mod tests {
         w.tick(t0);
         fake.0.borrow_mut().kv.remove("/d/a");
         // Another instance re-put /d/b under its own lease.
-        fake.0
-            .borrow_mut()
-            .kv
-            .insert("/d/b".into(), ("x".into(), 99));
+        fake.put_foreign("/d/b", "x", 99);
         fake.0.borrow_mut().calls.clear();
         w.tick(t0 + Duration::from_secs(10));
         w.tick(t0 + Duration::from_secs(10));
         assert_eq!(fake.get("/d/a").unwrap().0, "v");
         assert_eq!(fake.get("/d/b").unwrap(), ("x".into(), 99));
-        let lists = fake
-            .0
-            .borrow()
-            .calls
-            .iter()
-            .filter(|c| **c == "list")
-            .count();
-        assert_eq!(lists, 1, "one range read per period");
+        assert_eq!(fake.count("list"), 1, "one range read per period");
         // Our delete must not remove the other instance's key.
         unregister(&mut w, 2, "/d/b");
         w.tick(t0 + Duration::from_secs(10));
@@ -765,15 +832,19 @@ mod tests {
         }
         fake.0.borrow_mut().calls.clear();
         w.tick(Instant::now());
-        let puts = fake
-            .0
-            .borrow()
-            .calls
-            .iter()
-            .filter(|c| **c == "put")
-            .count();
-        assert_eq!(puts, 1000usize.div_ceil(MAX_TXN_OPS));
+        assert_eq!(fake.count("put"), 1000usize.div_ceil(MAX_TXN_OPS));
         assert_eq!(fake.0.borrow().kv.len(), 1000);
+        // And leaving at once: within etcd's limit, no batch refused.
+        for i in 0..1000 {
+            unregister(&mut w, i, &format!("/d/{i}"));
+        }
+        fake.0.borrow_mut().calls.clear();
+        w.tick(Instant::now());
+        assert!(fake.0.borrow().kv.is_empty());
+        assert_eq!(
+            fake.count("delete"),
+            1000usize.div_ceil(MAX_DELETES_PER_TXN)
+        );
     }
 
     #[test]
@@ -806,5 +877,43 @@ mod tests {
         assert!(!w.handle(Command::Shutdown { done }));
         assert!(rx.try_recv().is_ok());
         assert!(fake.0.borrow().kv.is_empty());
+    }
+
+    #[test]
+    fn reconcile_restores_a_value_changed_under_our_lease() {
+        let fake = Fake::default();
+        let mut w = worker(&fake);
+        register(&mut w, 1, "/d/a", "v");
+        let t0 = Instant::now();
+        w.tick(t0);
+        let lease = w.lease.unwrap();
+        fake.put_foreign("/d/a", "forged", lease);
+        w.tick(t0 + Duration::from_secs(10));
+        assert_eq!(fake.get("/d/a").unwrap(), ("v".into(), lease));
+        // Once restored, the next period sees nothing to do.
+        fake.0.borrow_mut().calls.clear();
+        w.tick(t0 + Duration::from_secs(20));
+        assert_eq!(fake.count("put"), 0);
+    }
+
+    #[test]
+    fn a_refused_entry_is_given_up_without_holding_back_the_rest() {
+        let fake = Fake::default();
+        let mut w = worker(&fake);
+        fake.0.borrow_mut().refused.insert("/d/bad".into());
+        let bad = register(&mut w, 1, "/d/bad", "v");
+        let goods: Vec<_> = (2..40)
+            .map(|i| register(&mut w, i, &format!("/d/{i}"), "v"))
+            .collect();
+        w.tick(Instant::now());
+        assert!(matches!(bad.try_recv(), Ok(Err(_))), "told it was refused");
+        for g in goods {
+            assert_eq!(g.try_recv(), Ok(Ok(())));
+        }
+        assert_eq!(fake.0.borrow().kv.len(), 38);
+        // Nothing is retried for it afterwards.
+        fake.0.borrow_mut().calls.clear();
+        w.tick(Instant::now() + Duration::from_secs(1));
+        assert_eq!(fake.count("put"), 0);
     }
 }
