@@ -17,6 +17,9 @@
 
 pub mod client;
 pub mod etcd;
+pub mod faults;
+pub mod hostile;
+pub mod operate;
 pub mod skyapi;
 
 pub use client::*;
