@@ -8,7 +8,7 @@ LISTEN ?= :8053
 RUN_DIR := target/run
 APT_PKGS := etcd-server etcd-client protobuf-compiler
 
-.PHONY: all deps build release run test lint check clean-run static fuzz soak
+.PHONY: all deps build release run test lint check clean-run static fuzz soak bench
 
 all: build
 
@@ -94,3 +94,13 @@ fuzz:
 # The long-running variants of the fault and resource tests (minutes).
 soak: deps
 	$(CARGO) test --release -- --ignored --test-threads=1
+
+# Measures issue 4's goals (held connections, etcd load, latencies, storm,
+# churn, idle CPU) with examples/loadgen.rs against a throwaway etcd and
+# skyapi on free loopback ports, and writes BENCHMARKS.md (a few minutes).
+# The two builds are separate so the measured skyapi is exactly the one
+# `cargo build --release` makes (dev-dependency features stay out of it).
+bench: deps
+	$(CARGO) build --release
+	$(CARGO) build --release --example loadgen
+	python3 bench/bench.py $(BENCH_ARGS)
