@@ -229,27 +229,35 @@ fn provide<T: Transport>(
         }
     }
 
-    if let Err((status, why)) = http::accept_websocket(&mut stream, &head) {
-        if status == 426 {
-            // RFC 6455 4.4: tell the client which version we speak.
+    let accept_key = match http::websocket_accept_key(&head) {
+        Ok(k) => k,
+        Err((status, why)) => {
+            let extra: &[(&str, &str)] = if status == 426 {
+                // RFC 6455 4.4: tell the client which version we speak.
+                &[("Sec-WebSocket-Version", "13")]
+            } else {
+                &[]
+            };
             let _ = http::respond(
                 &mut stream,
-                426,
+                status,
                 "text/plain; charset=utf-8",
-                &[("Sec-WebSocket-Version", "13")],
+                extra,
                 &format!("{why}\n"),
             );
-        } else if status != 0 {
-            plain(&mut stream, status, &why);
+            return;
         }
-        return;
-    }
-    let mut ws = WebSocket::from_partially_read(stream, head.rest, Role::Server, Some(ws_config()));
+    };
     let registration = match parsed {
         Ok(r) => r,
         Err(refusal) => {
             info!("{peer}: refused /provide: {refusal}");
             shared.metrics.registration(metrics::Registration::Refused);
+            if http::switch_protocols(&mut stream, &accept_key).is_err() {
+                return;
+            }
+            let mut ws =
+                WebSocket::from_partially_read(stream, head.rest, Role::Server, Some(ws_config()));
             let reason = refusal.to_string();
             close(
                 &mut ws,
@@ -268,8 +276,17 @@ fn provide<T: Transport>(
         registration.service, entry.id
     );
     info!("connect {who} key={}", entry.key);
+    // Queued before the 101 is written, so etcd works while it travels; the
+    // guard takes it back if the upgrade then fails.
     let ack = shared.worker.register(id, &entry.key, &entry.value);
     let registered = Registered::new(shared, id, &registration, &entry, peer);
+    if http::switch_protocols(&mut stream, &accept_key).is_err() {
+        shared
+            .metrics
+            .registration(metrics::Registration::Abandoned);
+        return;
+    }
+    let mut ws = WebSocket::from_partially_read(stream, head.rest, Role::Server, Some(ws_config()));
     let mut acked = false;
     let ending = hold(shared, &mut ws, &entry, &who, ack, &registered, &mut acked);
     if acked {

@@ -142,9 +142,9 @@ pub fn respond_text(stream: &mut dyn Write, status: u16, line: &str) -> io::Resu
     )
 }
 
-/// Checks a websocket upgrade request and, if it is one, answers 101.
-/// Returns the HTTP status and reason to send instead when it is not.
-pub fn accept_websocket(stream: &mut dyn Write, head: &Head) -> Result<(), (u16, String)> {
+/// Checks a websocket upgrade request; returns the accept key for the 101,
+/// or the HTTP status and reason to send instead when it is not one.
+pub fn websocket_accept_key(head: &Head) -> Result<String, (u16, String)> {
     if head.method != "GET" {
         return Err((405, "/provide takes GET with a websocket upgrade".into()));
     }
@@ -161,15 +161,16 @@ pub fn accept_websocket(stream: &mut dyn Write, head: &Head) -> Result<(), (u16,
         Some(k) if !k.trim().is_empty() => k.trim(),
         _ => return Err((400, "missing Sec-WebSocket-Key".into())),
     };
-    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
-    // Not timed: the socket's write timeout is set by the caller.
+    Ok(tungstenite::handshake::derive_accept_key(key.as_bytes()))
+}
+
+/// Answers a checked upgrade with 101 Switching Protocols.
+pub fn switch_protocols(stream: &mut dyn Write, accept_key: &str) -> io::Result<()> {
     let response = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: {accept_key}\r\n\r\n"
     );
-    stream
-        .write_all(response.as_bytes())
-        .and_then(|_| stream.flush())
-        .map_err(|e| (0, e.to_string()))
+    stream.write_all(response.as_bytes())?;
+    stream.flush()
 }
 
 fn reason(status: u16) -> &'static str {
