@@ -433,6 +433,23 @@ fn hold<T: Transport>(
         let now = Instant::now();
         let dead_at = last_heard + timeout;
         if now >= dead_at {
+            // A last look before giving up: if skyapi itself stalled (a
+            // stopped process, an overloaded host), the answers may be
+            // waiting in the socket, unread.
+            ws.get_mut()
+                .socket()
+                .set_deadline(Some(now + Duration::from_millis(1)));
+            match ws.read() {
+                Ok(Message::Close(_)) => {
+                    let _ = ws.flush();
+                    return Removal::Close;
+                }
+                Ok(_) => {
+                    last_heard = Instant::now();
+                    continue;
+                }
+                Err(_) => {}
+            }
             warn!("{who}: no answer for {}s: dropping it", timeout.as_secs());
             return Removal::PingTimeout;
         }

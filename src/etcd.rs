@@ -72,13 +72,46 @@ impl EtcdStore {
         }
     }
 
+    /// `call` for a request that may be sent again: when it fails fast on
+    /// the transport (a member just went away) and there are other members,
+    /// it is retried at once, up to `ATTEMPTS` times, so the balancer's
+    /// next pick is a live member rather than 0.5 s later.
+    fn unary<T, F, Fut>(&mut self, f: F) -> Result<T, StoreError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        const ATTEMPTS: usize = 3;
+        const FAST: Duration = Duration::from_millis(200);
+        let mut attempt = 1;
+        loop {
+            let started = std::time::Instant::now();
+            match self.call(&f) {
+                Err(StoreError::Unavailable(why))
+                    if attempt < ATTEMPTS
+                        && self.config.endpoints.len() > 1
+                        && started.elapsed() < FAST =>
+                {
+                    log::debug!("etcd: {why}; trying another member");
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
     fn client(&mut self) -> Result<Client, StoreError> {
         if let Some(c) = &self.client {
             return Ok(c.clone());
         }
+        // HTTP/2 pings find a member that hangs (frozen, partitioned) in
+        // about a second, so the balancer stops sending requests to it
+        // instead of each one waiting out REQUEST_TIMEOUT.
         let mut options = ConnectOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
-            .with_timeout(REQUEST_TIMEOUT);
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_keep_alive(Duration::from_millis(500), Duration::from_millis(1000))
+            .with_keep_alive_while_idle(true);
         if let Some((user, password)) = &self.config.user {
             // etcd's simple tokens expire (5 minutes by default): have the
             // client authenticate again when etcd calls the token invalid.
@@ -152,7 +185,7 @@ impl EtcdStore {
 
 impl Store for EtcdStore {
     fn grant(&mut self, ttl_secs: i64) -> Result<i64, StoreError> {
-        self.call(|mut c| async move { c.lease_grant(ttl_secs, None).await })
+        self.unary(|mut c| async move { c.lease_grant(ttl_secs, None).await })
             .map(|r| r.id())
     }
 
@@ -189,24 +222,44 @@ impl Store for EtcdStore {
 
     fn revoke(&mut self, lease: i64) -> Result<(), StoreError> {
         self.keeper = None;
-        match self.call(|mut c| async move { c.lease_revoke(lease).await }) {
+        match self.unary(|mut c| async move { c.lease_revoke(lease).await }) {
             Err(StoreError::LeaseNotFound) => Ok(()),
             other => other.map(|_| ()),
         }
     }
 
-    fn put(&mut self, kvs: &[(String, String)], lease: i64) -> Result<i64, StoreError> {
+    fn put(
+        &mut self,
+        kvs: &[(String, String)],
+        lease: i64,
+        only_if_absent: bool,
+    ) -> Result<i64, StoreError> {
         let ops: Vec<TxnOp> = kvs
             .iter()
             .map(|(k, v)| {
-                TxnOp::put(
+                let put = TxnOp::put(
                     k.as_str(),
                     v.as_str(),
                     Some(PutOptions::new().with_lease(lease)),
-                )
+                );
+                if only_if_absent {
+                    // A nested transaction: put only where the key does not
+                    // exist (create_revision 0 is etcd's "no such key").
+                    TxnOp::txn(
+                        Txn::new()
+                            .when([Compare::create_revision(k.as_str(), CompareOp::Equal, 0)])
+                            .and_then([put]),
+                    )
+                } else {
+                    put
+                }
             })
             .collect();
-        let resp = self.call(|mut c| async move { c.txn(Txn::new().and_then(ops)).await })?;
+        let txn = Txn::new().and_then(ops);
+        let resp = self.unary(|mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })?;
         Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
     }
 
@@ -223,8 +276,12 @@ impl Store for EtcdStore {
                 )
             })
             .collect();
-        self.call(|mut c| async move { c.txn(Txn::new().and_then(ops)).await })
-            .map(|_| ())
+        let txn = Txn::new().and_then(ops);
+        self.unary(|mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .map(|_| ())
     }
 
     fn list(&mut self, dir: &str) -> Result<Vec<StoredKv>, StoreError> {
@@ -235,13 +292,15 @@ impl Store for EtcdStore {
         let mut from = dir.as_bytes().to_vec();
         let mut out = Vec::new();
         loop {
-            let (start, range_end) = (from.clone(), end.clone());
-            let resp = self.call(|mut c| async move {
-                let options = GetOptions::new()
-                    .with_range(range_end)
-                    .with_keys_only()
-                    .with_limit(LIST_PAGE);
-                c.get(start, Some(options)).await
+            let resp = self.unary(|mut c| {
+                let (start, range_end) = (from.clone(), end.clone());
+                async move {
+                    let options = GetOptions::new()
+                        .with_range(range_end)
+                        .with_keys_only()
+                        .with_limit(LIST_PAGE);
+                    c.get(start, Some(options)).await
+                }
             })?;
             out.extend(resp.kvs().iter().map(|kv| StoredKv {
                 key: String::from_utf8_lossy(kv.key()).into_owned(),

@@ -360,8 +360,13 @@ impl<S: Store> Store for Metered<S> {
     fn revoke(&mut self, lease: i64) -> Result<(), StoreError> {
         self.timed(Op::Revoke, |s| s.revoke(lease))
     }
-    fn put(&mut self, kvs: &[(String, String)], lease: i64) -> Result<i64, StoreError> {
-        self.timed(Op::Put, |s| s.put(kvs, lease))
+    fn put(
+        &mut self,
+        kvs: &[(String, String)],
+        lease: i64,
+        only_if_absent: bool,
+    ) -> Result<i64, StoreError> {
+        self.timed(Op::Put, |s| s.put(kvs, lease, only_if_absent))
     }
     fn delete_owned(&mut self, keys: &[String], lease: i64) -> Result<(), StoreError> {
         self.timed(Op::Delete, |s| s.delete_owned(keys, lease))

@@ -65,8 +65,14 @@ pub trait Store {
     fn keep_alive(&mut self, lease: i64) -> Result<(), StoreError>;
     fn revoke(&mut self, lease: i64) -> Result<(), StoreError>;
     /// Puts every pair, attached to `lease`, in one transaction; returns
-    /// the transaction's revision (every key's new `mod_revision`).
-    fn put(&mut self, kvs: &[(String, String)], lease: i64) -> Result<i64, StoreError>;
+    /// the transaction's revision (every written key's new `mod_revision`).
+    /// With `only_if_absent`, a key that exists is left as it is.
+    fn put(
+        &mut self,
+        kvs: &[(String, String)],
+        lease: i64,
+        only_if_absent: bool,
+    ) -> Result<i64, StoreError>;
     /// Deletes each key that is still attached to `lease`, in one transaction.
     fn delete_owned(&mut self, keys: &[String], lease: i64) -> Result<(), StoreError>;
     /// Every key under `dir`, with its lease and `mod_revision`.
@@ -199,6 +205,10 @@ pub struct Worker<S: Store> {
     lease: Option<i64>,
     entries: HashMap<String, Desired>,
     to_put: BTreeSet<String>,
+    /// Keys to put back only where nobody has put them since: after a lost
+    /// lease, or when the reconcile finds them missing. Another instance
+    /// may hold a newer registration of the same process by then.
+    to_restore: BTreeSet<String>,
     to_delete: BTreeSet<String>,
     next_keepalive: Instant,
     next_reconcile: Instant,
@@ -228,6 +238,7 @@ impl<S: Store> Worker<S> {
             lease: None,
             entries: HashMap::new(),
             to_put: BTreeSet::new(),
+            to_restore: BTreeSet::new(),
             to_delete: BTreeSet::new(),
             next_keepalive: now,
             next_reconcile: now + ttl / 3,
@@ -286,6 +297,7 @@ impl<S: Store> Worker<S> {
                 d.holders.push((conn, value));
                 d.waiters.push(ack);
                 self.to_delete.remove(&key);
+                self.to_restore.remove(&key);
                 self.to_put.insert(key);
             }
             Command::Unregister { conn, key } => {
@@ -295,6 +307,7 @@ impl<S: Store> Worker<S> {
                     if d.holders.is_empty() {
                         self.entries.remove(&key);
                         self.to_put.remove(&key);
+                        self.to_restore.remove(&key);
                         self.to_delete.insert(key);
                     } else if newest == Some(conn) {
                         // The stored value was the leaver's: store the
@@ -315,7 +328,7 @@ impl<S: Store> Worker<S> {
 
     fn next_deadline(&self) -> Instant {
         let mut next = self.next_keepalive.min(self.next_reconcile);
-        if self.lease.is_none() || !self.to_put.is_empty() || !self.to_delete.is_empty() {
+        if self.lease.is_none() || self.pending() > 0 {
             next = next.min(self.retry_at);
         }
         next
@@ -343,7 +356,7 @@ impl<S: Store> Worker<S> {
             }
         }
         if now >= self.next_reconcile {
-            if self.lease.is_some() && self.to_put.is_empty() {
+            if self.lease.is_some() && self.to_put.is_empty() && self.to_restore.is_empty() {
                 self.reconcile(now);
             }
             self.next_reconcile = now + self.ttl / 3;
@@ -366,8 +379,15 @@ impl<S: Store> Worker<S> {
                 self.lease = Some(id);
                 self.next_keepalive = now + self.ttl / 3;
                 self.mark_up();
-                // Whatever we held under an older lease went with it.
-                self.to_put.extend(self.entries.keys().cloned());
+                // Whatever we held under an older lease went with it. Put it
+                // back where nobody else has put it since.
+                let lost: Vec<String> = self
+                    .entries
+                    .keys()
+                    .filter(|k| !self.to_put.contains(*k))
+                    .cloned()
+                    .collect();
+                self.to_restore.extend(lost);
                 self.to_delete.clear();
             }
             Err(e) => self.failed(e, now),
@@ -379,7 +399,7 @@ impl<S: Store> Worker<S> {
     /// is found; that key is given up (and its connection told), so one bad
     /// request never holds back the others.
     fn flush(&mut self, now: Instant) {
-        if now < self.retry_at || (self.to_put.is_empty() && self.to_delete.is_empty()) {
+        if now < self.retry_at || self.pending() == 0 {
             return;
         }
         self.ensure_lease(now);
@@ -405,9 +425,34 @@ impl<S: Store> Worker<S> {
                 Err(e) => return self.failed(e, now),
             }
         }
-        let mut batch = MAX_TXN_OPS;
-        while !self.to_put.is_empty() {
-            let keys: Vec<String> = self.to_put.iter().take(batch).cloned().collect();
+        if let Err(e) = self.flush_puts(lease, false) {
+            return self.failed(e, now);
+        }
+        if let Err(e) = self.flush_puts(lease, true) {
+            return self.failed(e, now);
+        }
+        self.mark_up();
+    }
+
+    /// Writes `to_put` (or, with `restore`, `to_restore` where the keys are
+    /// absent) in batches, acknowledging each registration once written.
+    fn flush_puts(&mut self, lease: i64, restore: bool) -> Result<(), StoreError> {
+        // A conditional put is a nested transaction: two operations.
+        let mut batch = if restore {
+            MAX_TXN_OPS / 2
+        } else {
+            MAX_TXN_OPS
+        };
+        loop {
+            let set = if restore {
+                &self.to_restore
+            } else {
+                &self.to_put
+            };
+            let keys: Vec<String> = set.iter().take(batch).cloned().collect();
+            if keys.is_empty() {
+                return Ok(());
+            }
             let chunk: Vec<(String, String)> = keys
                 .iter()
                 .filter_map(|k| Some((k.clone(), self.entries.get(k)?.holders.last()?.1.clone())))
@@ -415,7 +460,7 @@ impl<S: Store> Worker<S> {
             let revision = if chunk.is_empty() {
                 None
             } else {
-                match self.store.put(&chunk, lease) {
+                match self.store.put(&chunk, lease, restore) {
                     Ok(rev) => Some(rev),
                     Err(StoreError::Rejected(_)) if keys.len() > 1 => {
                         batch = keys.len() / 2;
@@ -424,6 +469,7 @@ impl<S: Store> Worker<S> {
                     Err(StoreError::Rejected(why)) => {
                         error!("etcd refuses to store {}: {why}", keys[0]);
                         self.to_put.remove(&keys[0]);
+                        self.to_restore.remove(&keys[0]);
                         if let Some(d) = self.entries.remove(&keys[0]) {
                             for w in d.waiters {
                                 // The connection may have gone meanwhile.
@@ -432,13 +478,16 @@ impl<S: Store> Worker<S> {
                         }
                         continue;
                     }
-                    Err(e) => return self.failed(e, now),
+                    Err(e) => return Err(e),
                 }
             };
             for k in &keys {
                 self.to_put.remove(k);
+                self.to_restore.remove(k);
                 if let Some(d) = self.entries.get_mut(k) {
                     debug!("stored {k}");
+                    // After a conditional put the key may be another
+                    // instance's; the reconcile then sees its lease, not ours.
                     d.stored_revision = revision;
                     for w in d.waiters.drain(..) {
                         // The connection may have gone meanwhile.
@@ -447,7 +496,6 @@ impl<S: Store> Worker<S> {
                 }
             }
         }
-        self.mark_up();
     }
 
     /// Compares etcd with the desired state in one keys-only range read:
@@ -463,13 +511,13 @@ impl<S: Store> Worker<S> {
         let stored: BTreeMap<&str, &StoredKv> =
             stored.iter().map(|kv| (kv.key.as_str(), kv)).collect();
         for (key, d) in &self.entries {
-            if self.to_put.contains(key) {
+            if self.to_put.contains(key) || self.to_restore.contains(key) {
                 continue;
             }
             match stored.get(key.as_str()) {
                 None => {
                     warn!("{key} is missing from etcd: restoring it");
-                    self.to_put.insert(key.clone());
+                    self.to_restore.insert(key.clone());
                 }
                 Some(kv) if kv.lease == lease && d.stored_revision != Some(kv.mod_revision) => {
                     warn!("{key} was changed in etcd: restoring it");
@@ -540,7 +588,7 @@ impl<S: Store> Worker<S> {
     }
 
     fn pending(&self) -> usize {
-        self.to_put.len() + self.to_delete.len()
+        self.to_put.len() + self.to_restore.len() + self.to_delete.len()
     }
 
     fn publish(&mut self) {
@@ -650,8 +698,18 @@ mod tests {
             e.kv.retain(|_, (_, l, _)| *l != lease);
             Ok(())
         }
-        fn put(&mut self, kvs: &[(String, String)], lease: i64) -> Result<i64, StoreError> {
-            self.check("put", kvs.len())?;
+        fn put(
+            &mut self,
+            kvs: &[(String, String)],
+            lease: i64,
+            only_if_absent: bool,
+        ) -> Result<i64, StoreError> {
+            let ops = if only_if_absent {
+                kvs.len() * 2
+            } else {
+                kvs.len()
+            };
+            self.check("put", ops)?;
             let mut e = self.0.borrow_mut();
             if !e.leases.contains(&lease) {
                 return Err(StoreError::LeaseNotFound);
@@ -662,7 +720,9 @@ mod tests {
             e.revision += 1;
             let rev = e.revision;
             for (k, v) in kvs {
-                e.kv.insert(k.clone(), (v.clone(), lease, rev));
+                if !(only_if_absent && e.kv.contains_key(k)) {
+                    e.kv.insert(k.clone(), (v.clone(), lease, rev));
+                }
             }
             Ok(rev)
         }
@@ -915,5 +975,32 @@ mod tests {
         fake.0.borrow_mut().calls.clear();
         w.tick(Instant::now() + Duration::from_secs(1));
         assert_eq!(fake.count("put"), 0);
+    }
+
+    #[test]
+    fn a_regranted_lease_does_not_take_a_key_another_instance_holds() {
+        let fake = Fake::default();
+        let mut w = worker(&fake);
+        register(&mut w, 1, "/d/a", "old");
+        register(&mut w, 2, "/d/b", "mine");
+        let t0 = Instant::now();
+        w.tick(t0);
+        // Our lease expires (a long partition); meanwhile the client of
+        // /d/a registered again through instance B.
+        fake.revoke_all();
+        fake.put_foreign("/d/a", "new", 99);
+        w.tick(t0 + Duration::from_secs(10));
+        w.tick(t0 + Duration::from_secs(10));
+        let lease = w.lease.unwrap();
+        assert_eq!(
+            fake.get("/d/a").unwrap(),
+            ("new".into(), 99),
+            "B's put wins"
+        );
+        assert_eq!(fake.get("/d/b").unwrap(), ("mine".into(), lease));
+        // And our old connection ending leaves B's key alone.
+        unregister(&mut w, 1, "/d/a");
+        w.tick(t0 + Duration::from_secs(11));
+        assert_eq!(fake.get("/d/a").unwrap(), ("new".into(), 99));
     }
 }
