@@ -82,6 +82,9 @@ pub fn serve(shared: &Arc<Shared>, id: ConnId, stream: TcpStream, peer: SocketAd
     // Best effort: a socket that cannot take a timeout is already broken and
     // its first write will say so.
     let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+    // Small messages (101, welcome, pings) go out at once instead of waiting
+    // for the ACK of the previous one (Nagle).
+    let _ = stream.set_nodelay(true);
     let socket = Socket::new(stream);
     match &shared.tls {
         Some(config) => match rustls::ServerConnection::new(config.clone()) {

@@ -35,6 +35,8 @@ use crate::worker::{self, ConnId, SharedHealth, WorkerHandle};
 /// Stack of a connection thread. The deepest path (handshake, JSON, logging)
 /// needs well under this; only touched pages cost memory.
 pub const CONN_STACK: usize = 128 * 1024;
+/// Pending connections the kernel queues before accept().
+const LISTEN_BACKLOG: libc::c_int = 4096;
 /// How long the worker gets to revoke the lease at shutdown.
 const REVOKE_WAIT: Duration = Duration::from_secs(3);
 /// How long connection threads get to send their close frames.
@@ -171,6 +173,16 @@ pub fn run(config: Config) -> Result<(), String> {
     mask_signals(libc::SIG_BLOCK);
 
     let listener = bind(&config.listen)?;
+    // std binds with a backlog of 128: a fleet reconnecting at once after a
+    // restart would see SYN retries (a second each). Listening again on the
+    // bound socket raises it (the kernel caps it at net.core.somaxconn).
+    // SAFETY: listen(2) on the listener's own descriptor.
+    if unsafe { libc::listen(listener.as_raw_fd(), LISTEN_BACKLOG) } != 0 {
+        warn!(
+            "cannot raise the listen backlog: {}",
+            std::io::Error::last_os_error()
+        );
+    }
     let local = listener
         .local_addr()
         .map_err(|e| format!("listener has no address: {e}"))?;
