@@ -34,7 +34,8 @@ release: deps
 
 # Starts a throwaway etcd on 127.0.0.1:$(ETCD_PORT) (data under $(RUN_DIR)),
 # or uses the one already answering there, then skyapi on $(LISTEN).
-# Ctrl-C stops both.
+# Ctrl-C stops both: skyapi first (it revokes its lease), then etcd, which
+# runs in its own session so the terminal's SIGINT does not reach it first.
 run: release
 	@mkdir -p $(RUN_DIR); \
 	etcd_pid=""; \
@@ -43,7 +44,7 @@ run: release
 	else \
 	  echo "starting a throwaway etcd on 127.0.0.1:$(ETCD_PORT) (data in $(RUN_DIR)/etcd, log in $(RUN_DIR)/etcd.log)"; \
 	  rm -rf $(RUN_DIR)/etcd; \
-	  etcd --name skyapi-run --data-dir $(RUN_DIR)/etcd \
+	  setsid etcd --name skyapi-run --data-dir $(RUN_DIR)/etcd \
 	    --listen-client-urls http://127.0.0.1:$(ETCD_PORT) --advertise-client-urls http://127.0.0.1:$(ETCD_PORT) \
 	    --listen-peer-urls http://127.0.0.1:$$(( $(ETCD_PORT) + 1 )) \
 	    --initial-advertise-peer-urls http://127.0.0.1:$$(( $(ETCD_PORT) + 1 )) \

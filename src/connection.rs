@@ -79,6 +79,8 @@ pub struct Live {
 /// Serves one accepted connection to its end: wraps it in TLS when the
 /// server has a certificate, then reads the head and routes it.
 pub fn serve(shared: &Arc<Shared>, id: ConnId, stream: TcpStream, peer: SocketAddr) {
+    // Logs and /services show an IPv4 peer as IPv4, like the stored host.
+    let peer = SocketAddr::new(peer_ip(&peer), peer.port());
     // Best effort: a socket that cannot take a timeout is already broken and
     // its first write will say so.
     let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
