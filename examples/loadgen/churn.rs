@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, Semaphore};
 use crate::client::{self, Target};
 use crate::etcd;
 use crate::procfs;
-use crate::stats::{round3, Samples};
+use crate::stats::{self, round3, Samples};
 
 pub struct Opts {
     pub rate: u32,
@@ -41,7 +41,7 @@ pub async fn run(
     opts: &Opts,
 ) -> Result<serde_json::Value, String> {
     let client = etcd::connect(etcd_endpoint).await?;
-    let prefix = format!("{}/{}/", opts.key_dir, opts.service);
+    let prefix = etcd::service_prefix(&opts.key_dir, &opts.service);
     let before = procfs::sample(opts.pid)?;
     let keys_before = etcd::count(&client, &prefix).await?;
     let root_keys_before = etcd::count(&client, &opts.key_dir).await?;
@@ -110,9 +110,7 @@ pub async fn run(
             Ok(d) => cycle.push(d),
             Err(e) => {
                 failed += 1;
-                if errors.len() < 5 {
-                    errors.push(e);
-                }
+                stats::keep_error(&mut errors, e);
             }
         }
     }

@@ -18,6 +18,12 @@ use tokio::time::timeout;
 /// Bound on one etcd request from the load generator.
 const CALL: Duration = Duration::from_secs(5);
 
+/// Where skyapi keeps the keys of `service` under `key_dir` (`--key-dir`):
+/// the prefix every scenario counts and watches.
+pub fn service_prefix(key_dir: &str, service: &str) -> String {
+    format!("{key_dir}/{service}/")
+}
+
 pub async fn connect(endpoint: &str) -> Result<Client, String> {
     let opts = ConnectOptions::new()
         .with_connect_timeout(CALL)

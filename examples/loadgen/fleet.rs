@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::client::{self, Target};
+use crate::stats;
 
 /// Bound on one connect or upgrade attempt, and on the welcome.
 const STEP_LIMIT: Duration = Duration::from_secs(10);
@@ -141,15 +142,11 @@ impl Fleet {
                 Ok(Some(Ok(Ok(())))) => ok += 1,
                 Ok(Some(Ok(Err(e)))) => {
                     failed += 1;
-                    if errors.len() < 5 {
-                        errors.push(e);
-                    }
+                    stats::keep_error(&mut errors, e);
                 }
                 Ok(Some(Err(e))) => {
                     failed += 1;
-                    if errors.len() < 5 {
-                        errors.push(format!("task: {e}"));
-                    }
+                    stats::keep_error(&mut errors, format!("task: {e}"));
                 }
                 Ok(None) => break,
                 Err(_) => {

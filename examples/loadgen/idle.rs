@@ -16,7 +16,7 @@ use crate::client::Target;
 use crate::etcd;
 use crate::fleet::Fleet;
 use crate::procfs::{self, Sample};
-use crate::stats::round3;
+use crate::stats::{self, round3};
 
 pub struct Opts {
     pub steps: Vec<usize>,
@@ -41,7 +41,7 @@ pub async fn run(
     opts: &Opts,
 ) -> Result<serde_json::Value, String> {
     let client = etcd::connect(etcd_endpoint).await?;
-    let prefix = format!("{}/{}/", opts.key_dir, opts.service);
+    let prefix = etcd::service_prefix(&opts.key_dir, &opts.service);
     let before_keys = etcd::count(&client, &prefix).await?;
     if before_keys != 0 {
         return Err(format!("{before_keys} keys under {prefix} before the run"));
@@ -69,9 +69,7 @@ pub async fn run(
                 Ok(Some(r)) => {
                     if let Err(e) = r.result {
                         failed_opens += 1;
-                        if errors.len() < 5 {
-                            errors.push(e);
-                        }
+                        stats::keep_error(&mut errors, e);
                     }
                 }
                 _ => {

@@ -17,7 +17,7 @@
 
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, PutOptions, Txn, TxnOp};
+use etcd_client::{Client, GetResponse, PutOptions, Txn, TxnOp};
 use serde_json::json;
 
 use crate::client::{self, Target};
@@ -68,7 +68,7 @@ pub async fn run(
         .map_err(|e| format!("lease grant: {e}"))?
         .id();
     let bare_dir = format!("/bench/bare/{}/", opts.service);
-    let sky_dir = format!("{}/{}/", opts.key_dir, opts.service);
+    let sky_dir = etcd::service_prefix(&opts.key_dir, &opts.service);
     let mut bare_watch = Watch::start(&client, &bare_dir).await?;
     let mut sky_watch = Watch::start(&client, &sky_dir).await?;
 
@@ -77,10 +77,7 @@ pub async fn run(
     let value = {
         let mut c = client::open(target, &opts.service, 65535, STEP).await?;
         let w = c.welcome(STEP).await?;
-        let got = kv
-            .get(w.key.as_str(), None)
-            .await
-            .map_err(|e| format!("get: {e}"))?;
+        let got = get(&mut kv, &w.key).await?;
         let v = got
             .kvs()
             .first()
@@ -158,6 +155,11 @@ pub async fn run(
     }))
 }
 
+/// A `get` of one key, its error worded as every round reports it.
+async fn get(kv: &mut Client, key: &str) -> Result<GetResponse, String> {
+    kv.get(key, None).await.map_err(|e| format!("get: {e}"))
+}
+
 #[allow(clippy::too_many_arguments)] // one round's whole context; a struct would only rename it
 async fn bare_round(
     client: &Client,
@@ -180,10 +182,7 @@ async fn bare_round(
     .await
     .map_err(|e| format!("put: {e}"))?;
     let put = t.elapsed();
-    let got = kv
-        .get(key.as_str(), None)
-        .await
-        .map_err(|e| format!("get: {e}"))?;
+    let got = get(&mut kv, &key).await?;
     let put_get = t.elapsed();
     if got.kvs().is_empty() {
         return Err("key not readable after put".into());
@@ -243,10 +242,7 @@ async fn sky_round(
     let port = (i % 65534) as u32 + 1;
     let mut conn = client::open(target, &opts.service, port, STEP).await?;
     let welcome = conn.welcome(STEP).await?;
-    let got = kv
-        .get(welcome.key.as_str(), None)
-        .await
-        .map_err(|e| format!("get: {e}"))?;
+    let got = get(&mut kv, &welcome.key).await?;
     let got_at = Instant::now();
     let present = !got.kvs().is_empty();
     let put_seen = watch
@@ -260,10 +256,7 @@ async fn sky_round(
         .wait_for(&welcome.key, false, STEP)
         .await
         .ok_or("no delete event within 5 s of the close")?;
-    let after = kv
-        .get(welcome.key.as_str(), None)
-        .await
-        .map_err(|e| format!("get: {e}"))?;
+    let after = get(&mut kv, &welcome.key).await?;
     if record {
         f.sky_upgraded.push(upgraded.duration_since(connected));
         f.sky_registered.push(welcome.at.duration_since(connected));

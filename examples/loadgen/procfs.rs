@@ -95,7 +95,8 @@ pub fn cpu_percent(a: &Sample, b: &Sample) -> f64 {
 }
 
 /// Raises this process's soft open-file limit to the hard limit; returns the
-/// limit in force.
+/// limit in force. (skyapi does the same at start in src/server.rs, in a
+/// private function the example cannot call, so it keeps this copy.)
 pub fn raise_nofile() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,

@@ -1,4 +1,5 @@
-//! Latency samples and their percentiles (nearest rank), in milliseconds.
+//! Latency samples and their percentiles (nearest rank), in milliseconds;
+//! and the few errors a report keeps as examples.
 
 use std::time::Duration;
 
@@ -49,4 +50,14 @@ impl Samples {
 /// Three decimals are plenty for milliseconds and keep the JSON readable.
 pub fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
+}
+
+/// How many errors a report keeps as examples; its failure count has them all.
+const KEPT_ERRORS: usize = 5;
+
+/// Keeps `e` in `errors` unless `KEPT_ERRORS` are kept already.
+pub fn keep_error(errors: &mut Vec<String>, e: String) {
+    if errors.len() < KEPT_ERRORS {
+        errors.push(e);
+    }
 }

@@ -15,7 +15,7 @@ use crate::client::Target;
 use crate::etcd::{self, Watch};
 use crate::fleet::Fleet;
 use crate::procfs;
-use crate::stats::{round3, Samples};
+use crate::stats::{self, round3, Samples};
 
 pub struct Opts {
     pub count: usize,
@@ -35,7 +35,7 @@ pub async fn run(
     opts: &Opts,
 ) -> Result<serde_json::Value, String> {
     let client = etcd::connect(etcd_endpoint).await?;
-    let prefix = format!("{}/{}/", opts.key_dir, opts.service);
+    let prefix = etcd::service_prefix(&opts.key_dir, &opts.service);
     let n = opts.count;
     if etcd::count(&client, &prefix).await? != 0 {
         return Err(format!("keys under {prefix} before the storm"));
@@ -87,7 +87,7 @@ pub async fn run(
                     }
                     Err(e) => {
                         failed += 1;
-                        if errors.len() < 5 { errors.push(e); }
+                        stats::keep_error(&mut errors, e);
                     }
                 },
                 None => break,
