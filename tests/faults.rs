@@ -33,7 +33,6 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use sha1::{Digest, Sha1};
 use support::faults::*;
 use support::*;
 
@@ -50,13 +49,6 @@ const EXPIRY_MARGIN: Duration = Duration::from_secs(2);
 
 /// Key → (value, lease) under [`ROOT`].
 type Entries = BTreeMap<String, (Value, i64)>;
-
-fn sha1_hex(s: &str) -> String {
-    Sha1::digest(s.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 /// The key of `service` on `port` at host 127.0.0.1, default category: the
 /// original skyapi's id, computed here independently of the server.
@@ -80,6 +72,24 @@ fn on_lease(list: &[(&str, u16)], ttl: u64, lease: i64) -> Entries {
     list.iter()
         .map(|&(s, p)| (key(s, p), (value(p, 100, ttl), lease)))
         .collect()
+}
+
+/// Probe for [`within`]: whether etcd holds exactly `list` (weight 100, TTL
+/// `ttl`), every entry on one lease, and that lease is not `old` (one that
+/// was revoked or expired) if given; `Ok` with the lease.
+fn on_one_lease(
+    etcd: &Etcd,
+    list: &[(&str, u16)],
+    ttl: u64,
+    old: Option<i64>,
+) -> Result<i64, String> {
+    let got = entries(etcd, ROOT);
+    let lease = got.values().map(|(_, l)| *l).next().unwrap_or(0);
+    if lease != 0 && Some(lease) != old && got == on_lease(list, ttl, lease) {
+        Ok(lease)
+    } else {
+        Err(format!("{got:#?}"))
+    }
 }
 
 /// The one lease every entry in `got` is attached to; panics if there is
@@ -375,13 +385,7 @@ fn revoked_lease_is_regranted_and_entries_put_again() {
 
     let bound = Duration::from_secs(T / 3 + 2);
     let new = within("entries put again on a new lease", t0, bound, || {
-        let got = entries(&etcd, ROOT);
-        let lease = got.values().map(|(_, l)| *l).next().unwrap_or(0);
-        if lease != 0 && lease != old && got == on_lease(&list, T, lease) {
-            Ok(lease)
-        } else {
-            Err(format!("{got:#?}"))
-        }
+        on_one_lease(&etcd, &list, T, Some(old))
     });
     assert_eq!(
         etcd.lease_ttl(new).map(|(_, granted)| granted),
@@ -468,15 +472,7 @@ fn partition_outlasting_the_lease(extra: Duration) {
         "every live entry put again on a new lease",
         healed,
         Duration::from_secs(T / 3 + 2),
-        || {
-            let got = entries(&etcd, ROOT);
-            let lease = got.values().map(|(_, l)| *l).next().unwrap_or(0);
-            if lease != 0 && lease != old && got == on_lease(&list, T, lease) {
-                Ok(lease)
-            } else {
-                Err(format!("{got:#?}"))
-            }
-        },
+        || on_one_lease(&etcd, &list, T, Some(old)),
     );
     within("the queued client's welcome", healed, BACK_WITHIN, || {
         fleet.welcome(c_baz).ok_or_else(|| fleet.describe())
@@ -605,15 +601,7 @@ fn etcd_unreachable_at_startup_then_appears() {
         "entries written within 2 s of etcd answering",
         up,
         BACK_WITHIN,
-        || {
-            let got = entries(&etcd, ROOT);
-            let lease = got.values().map(|(_, l)| *l).next().unwrap_or(0);
-            if lease != 0 && got == on_lease(&list, T, lease) {
-                Ok(())
-            } else {
-                Err(format!("{got:#?}"))
-            }
-        },
+        || on_one_lease(&etcd, &list, T, None),
     );
     for id in [c_foo, c_bar] {
         within("welcome once etcd is up", up, BACK_WITHIN, || {
@@ -1114,18 +1102,21 @@ fn silent_clients_are_dropped_within_timeout() {
     let lease = common_lease(&entries(&etcd, ROOT));
 
     let server = format!("ws://{}", sky.connect_addr());
-    let mut side = Sidecar::start(&[
-        "--server",
-        &server,
-        "--service",
-        "side",
-        "--port",
-        "7001",
-        "--host",
-        "127.0.0.1",
-        "--interval",
-        "1",
-    ]);
+    let mut side = Skyapi::provide(
+        &[
+            "--server",
+            &server,
+            "--service",
+            "side",
+            "--port",
+            "7001",
+            "--host",
+            "127.0.0.1",
+            "--interval",
+            "1",
+        ],
+        &[],
+    );
     let with_side = on_lease(&[("foo", 9999), ("side", 7001)], T, lease);
     wait_entries(
         &etcd,

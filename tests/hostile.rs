@@ -34,12 +34,6 @@ const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
 /// Slack allowed past a server deadline (scheduling on a busy 2-core box).
 const MARGIN: Duration = Duration::from_millis(1500);
 
-fn start(args: &[&str]) -> (Etcd, Skyapi) {
-    let etcd = Etcd::start_new();
-    let sky = Skyapi::start(&etcd, args);
-    (etcd, sky)
-}
-
 /// An upgrade request for `/provide?<query>` with no extra headers.
 fn provide(query: &str) -> Vec<u8> {
     upgrade_request(format!("/provide?{query}").as_bytes(), &[])
@@ -657,7 +651,7 @@ fn tls_serves_wss_and_https_and_plain_ws_gets_nothing() {
     let tls = tls_connect(addr, &config).unwrap_or_else(|e| panic!("TLS to skyapi: {e}"));
     let url = format!("wss://{addr}/provide?service=secure&port=443");
     let mut ws = wss_connect(&url, tls).unwrap_or_else(|e| panic!("{url}: {e}"));
-    let welcome = match next_event_on(&mut ws, REPLY_WITHIN) {
+    let welcome = match next_event(&mut ws, REPLY_WITHIN) {
         Some(Event::Text(t)) => serde_json::from_str::<serde_json::Value>(&t)
             .unwrap_or_else(|e| panic!("welcome over wss is not JSON ({e}): {t}")),
         other => panic!("over wss, expected the welcome, got {other:?}"),

@@ -18,7 +18,6 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
-use sha1::{Digest, Sha1};
 use support::operate::*;
 use support::*;
 
@@ -34,10 +33,7 @@ const ROOT_USER: &str = "root:rootpw";
 /// The original's id for one category: SHA-1 hex of service, category,
 /// host and port concatenated.
 fn expected_id(service: &str, category: &str, host: &str, port: u16) -> String {
-    Sha1::digest(format!("{service}{category}{host}{port}").as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    sha1_hex(&format!("{service}{category}{host}{port}"))
 }
 
 /// The key of `service` on `port`, registered from 127.0.0.1 with the

@@ -12,7 +12,6 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use sha1::{Digest, Sha1};
 use support::*;
 use tungstenite::Message;
 
@@ -26,13 +25,6 @@ const ROOT: &str = "/skydns/";
 const TEST_LIMIT: Duration = Duration::from_secs(90);
 /// "Deleted at once" after a close, including etcd's round trip.
 const DELETE_WITHIN: Duration = Duration::from_secs(2);
-
-fn sha1_hex(s: &str) -> String {
-    Sha1::digest(s.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 /// The original's id: SHA-1 of service, category (one label as text, several
 /// as Go's `%#v` of a `[]string`), host and port, with no separators.
@@ -74,12 +66,6 @@ fn wait_until_empty(etcd: &Etcd, prefix: &str, since: Instant, bound: Duration) 
         }
         std::thread::sleep(POLL_TICK);
     }
-}
-
-fn start(args: &[&str]) -> (Etcd, Skyapi) {
-    let etcd = Etcd::start_new();
-    let sky = Skyapi::start(&etcd, args);
-    (etcd, sky)
 }
 
 // ---------------------------------------------------------------- register

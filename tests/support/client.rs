@@ -35,7 +35,8 @@ pub enum Event {
     Ended(String),
 }
 
-fn socket_addr_of(url: &str) -> SocketAddr {
+/// `IP:port` of a `ws://IP:port/...` URL.
+pub fn socket_addr_of(url: &str) -> SocketAddr {
     let rest = url
         .strip_prefix("ws://")
         .unwrap_or_else(|| panic!("test URLs are ws://ADDR/...: {url}"));
@@ -59,7 +60,13 @@ pub fn tcp_connect(addr: SocketAddr) -> TcpStream {
 /// Runs the websocket handshake for `url`. `Err` describes what the server
 /// did instead of upgrading (e.g. `HTTP 400 Bad Request: <body>`).
 pub fn try_connect(url: &str) -> Result<Ws, String> {
-    let stream = tcp_connect(socket_addr_of(url));
+    handshake(url, tcp_connect(socket_addr_of(url)))
+}
+
+/// Runs the websocket handshake for `url` over `stream` (a TCP or TLS
+/// stream with short read timeouts), giving the server [`REPLY_WITHIN`].
+/// `Err` as for [`try_connect`].
+pub fn handshake<S: Read + Write>(url: &str, stream: S) -> Result<WebSocket<S>, String> {
     let deadline = Instant::now() + REPLY_WITHIN;
     let mut attempt = tungstenite::client(url, stream);
     loop {
@@ -105,14 +112,15 @@ pub fn register(url: &str) -> (Ws, serde_json::Value) {
     (ws, json)
 }
 
-fn is_timeout(e: &std::io::Error) -> bool {
+/// Whether a read or write error only means the socket's timeout passed.
+pub fn is_timeout(e: &std::io::Error) -> bool {
     matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
 }
 
 /// The next thing the server does, or `None` if nothing within `within`.
 /// Pings are answered by tungstenite (on this or the next read) and also
-/// reported.
-pub fn next_event(ws: &mut Ws, within: Duration) -> Option<Event> {
+/// reported. Over any stream (TLS too).
+pub fn next_event<S: Read + Write>(ws: &mut WebSocket<S>, within: Duration) -> Option<Event> {
     let deadline = Instant::now() + within;
     loop {
         match ws.read() {

@@ -1,8 +1,10 @@
 //! Throwaway etcd members (Debian's etcd-server 3.4) on ephemeral loopback
 //! ports, each with its data in a fresh temp dir, driven through `etcdctl`
-//! (API v3): a single member ([`Etcd::start_new`]) or a cluster
-//! ([`Etcd::start_cluster`]). A member can be stopped, restarted on the same
-//! ports and data, frozen and killed, which is what fault tests need.
+//! (API v3): a single member ([`Etcd::start_new`]), one with extra flags
+//! and optionally TLS with client certificates ([`Etcd::start_with`]), or a
+//! cluster ([`Etcd::start_cluster`]). A member can be stopped, restarted on
+//! the same ports and data, frozen and killed, which is what fault tests
+//! need.
 //!
 //! The process is killed and its directory removed on drop; if the test is
 //! failing, the tail of etcd's own log is printed first.
@@ -37,7 +39,22 @@ pub struct Etcd {
     initial_cluster: String,
     /// `--initial-cluster-token`, unique per cluster.
     token: String,
+    /// Flags given after the standard ones (so a later one wins).
+    extra: Vec<String>,
+    /// Certificates etcd serves with and etcdctl presents.
+    tls: Option<EtcdTls>,
     child: Option<Child>,
+}
+
+/// PEM files for a member serving https that requires client certificates
+/// signed by `ca`; etcdctl presents the client pair.
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    pub ca: String,
+    pub server_cert: String,
+    pub server_key: String,
+    pub client_cert: String,
+    pub client_key: String,
 }
 
 fn assert_installed() {
@@ -57,9 +74,22 @@ impl Etcd {
         Etcd::start_cluster(1).pop().expect("one member")
     }
 
+    /// Starts a fresh single member with `extra` flags (after the standard
+    /// ones, so e.g. a `--log-level` wins) and, with `tls`, https client URLs
+    /// that require a client certificate; waits until it is healthy.
+    pub fn start_with(extra: &[&str], tls: Option<EtcdTls>) -> Etcd {
+        Etcd::start_members(1, extra, tls)
+            .pop()
+            .expect("one member")
+    }
+
     /// Starts a fresh cluster of `size` members and waits until every one is
     /// healthy. Panics (never skips) if etcd is not installed.
     pub fn start_cluster(size: usize) -> Vec<Etcd> {
+        Etcd::start_members(size, &[], None)
+    }
+
+    fn start_members(size: usize, extra: &[&str], tls: Option<EtcdTls>) -> Vec<Etcd> {
         assert_installed();
         assert!(size > 0, "a cluster needs a member");
         let mut failures = Vec::new();
@@ -81,6 +111,8 @@ impl Etcd {
                         peer_port: free_port(),
                         initial_cluster: String::new(),
                         token: token.clone(),
+                        extra: extra.iter().map(|s| s.to_string()).collect(),
+                        tls: tls.clone(),
                         child: None,
                     }
                 })
@@ -126,9 +158,10 @@ impl Etcd {
         &self.name
     }
 
-    /// The client URL, as given to `--etcd-api`.
+    /// The client URL, as given to `--etcd-api`: `https://` with TLS.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     pub fn client_port(&self) -> u16 {
@@ -183,7 +216,13 @@ impl Etcd {
                 "stderr",
                 "--log-level",
                 "warn",
-            ])
+            ]);
+        if let Some(t) = &self.tls {
+            cmd.args(["--cert-file", &t.server_cert, "--key-file", &t.server_key])
+                .args(["--trusted-ca-file", &t.ca, "--client-cert-auth"]);
+        }
+        // Last, so a caller's `--log-level` wins (Go flags: the last one).
+        cmd.args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
@@ -299,6 +338,12 @@ impl Etcd {
 
     /// Runs `etcdctl` (API v3) against this member; stdout on success.
     pub fn etcdctl(&self, args: &[&str]) -> Result<String, String> {
+        self.etcdctl_as(None, args)
+    }
+
+    /// [`etcdctl`](Self::etcdctl) as `user` (`NAME:PASS`) if given; with
+    /// the client certificate if the member serves TLS.
+    pub fn etcdctl_as(&self, user: Option<&str>, args: &[&str]) -> Result<String, String> {
         let mut cmd = Command::new(ETCDCTL);
         // Hermetic: ETCDCTL_* in the developer's shell (endpoints, TLS,
         // credentials) must not redirect or change these calls.
@@ -307,10 +352,18 @@ impl Etcd {
                 cmd.env_remove(key);
             }
         }
-        let out = cmd
-            .env("ETCDCTL_API", "3")
+        cmd.env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={}", self.endpoint()))
-            .args(["--dial-timeout=2s", "--command-timeout=3s"])
+            .args(["--dial-timeout=2s", "--command-timeout=3s"]);
+        if let Some(t) = &self.tls {
+            cmd.arg(format!("--cacert={}", t.ca))
+                .arg(format!("--cert={}", t.client_cert))
+                .arg(format!("--key={}", t.client_key));
+        }
+        if let Some(u) = user {
+            cmd.arg(format!("--user={u}"));
+        }
+        let out = cmd
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -327,30 +380,35 @@ impl Etcd {
     }
 
     fn must(&self, args: &[&str]) -> String {
-        self.etcdctl(args).unwrap_or_else(|e| panic!("{e}"))
+        self.must_as(None, args)
+    }
+
+    /// [`etcdctl_as`](Self::etcdctl_as) or panic.
+    pub fn must_as(&self, user: Option<&str>, args: &[&str]) -> String {
+        self.etcdctl_as(user, args)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Every key under `prefix` (`""` for the whole keyspace) with its value
     /// and lease id (0 when the key has no lease).
     pub fn get_prefix_with_lease(&self, prefix: &str) -> BTreeMap<String, (String, i64)> {
-        let out = self.must(&["get", "--prefix", "-w", "json", "--", prefix]);
-        let doc: Value = serde_json::from_str(&out)
-            .unwrap_or_else(|e| panic!("etcdctl get -w json gave non-JSON ({e}): {out}"));
-        let mut map = BTreeMap::new();
-        let Some(kvs) = doc.get("kvs").and_then(Value::as_array) else {
-            return map;
-        };
-        for kv in kvs {
-            let field = |name: &str| {
-                let b64 = kv.get(name).and_then(Value::as_str).unwrap_or("");
-                let bytes = base64_decode(b64)
-                    .unwrap_or_else(|| panic!("bad base64 in etcdctl output: {b64:?}"));
-                String::from_utf8(bytes).expect("etcd key or value is not UTF-8")
-            };
-            let lease = kv.get("lease").and_then(Value::as_i64).unwrap_or(0);
-            map.insert(field("key"), (field("value"), lease));
-        }
-        map
+        self.get_prefix_with_lease_as(None, prefix)
+    }
+
+    /// [`get_prefix_with_lease`](Self::get_prefix_with_lease) as `user`.
+    pub fn get_prefix_with_lease_as(
+        &self,
+        user: Option<&str>,
+        prefix: &str,
+    ) -> BTreeMap<String, (String, i64)> {
+        let out = self.must_as(user, &["get", "--prefix", "-w", "json", "--", prefix]);
+        let utf8 =
+            |bytes: Vec<u8>| String::from_utf8(bytes).expect("etcd key or value is not UTF-8");
+        parse_get(&out)
+            .1
+            .into_iter()
+            .map(|kv| (utf8(kv.key), (utf8(kv.value), kv.lease)))
+            .collect()
     }
 
     /// Every key under `prefix` (`""` for the whole keyspace) with its value.
@@ -377,8 +435,13 @@ impl Etcd {
     /// `(remaining TTL, granted TTL)` of a lease, or `None` if it does not
     /// exist (expired or revoked).
     pub fn lease_ttl(&self, lease: i64) -> Option<(i64, i64)> {
+        self.lease_ttl_as(None, lease)
+    }
+
+    /// [`lease_ttl`](Self::lease_ttl) as `user`.
+    pub fn lease_ttl_as(&self, user: Option<&str>, lease: i64) -> Option<(i64, i64)> {
         let hex = format!("{lease:x}");
-        let out = self.must(&["lease", "timetolive", &hex, "-w", "json"]);
+        let out = self.must_as(user, &["lease", "timetolive", &hex, "-w", "json"]);
         let doc: Value = serde_json::from_str(&out)
             .unwrap_or_else(|e| panic!("etcdctl lease timetolive gave non-JSON ({e}): {out}"));
         let ttl = doc.get("ttl").and_then(Value::as_i64).unwrap_or(-1);
@@ -399,9 +462,15 @@ impl Etcd {
         self.must(&["lease", "revoke", &format!("{lease:x}")]);
     }
 
-    /// The last lines etcd logged (warnings and errors only).
+    /// Everything etcd logged (warnings and errors unless `extra` set
+    /// another `--log-level`).
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The last lines etcd logged.
     pub fn log_tail(&self) -> String {
-        let text = fs::read_to_string(self.log_path()).unwrap_or_default();
+        let text = self.log();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
@@ -421,6 +490,40 @@ impl Drop for Etcd {
         // Why ignored: a leftover temp dir is harmless and must not mask the test result.
         let _ = fs::remove_dir_all(&self.base);
     }
+}
+
+/// One key of an `etcdctl get -w json` answer, decoded.
+pub struct Kv {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    /// 0 when the key has no lease.
+    pub lease: i64,
+}
+
+/// Parses what `etcdctl get -w json` printed: the whole document (for its
+/// header) and every key in it.
+pub fn parse_get(out: &str) -> (Value, Vec<Kv>) {
+    let doc: Value = serde_json::from_str(out)
+        .unwrap_or_else(|e| panic!("etcdctl get -w json gave non-JSON ({e}): {out}"));
+    let kvs = doc
+        .get("kvs")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|kv| {
+            let field = |name: &str| {
+                let b64 = kv.get(name).and_then(Value::as_str).unwrap_or("");
+                base64_decode(b64)
+                    .unwrap_or_else(|| panic!("bad base64 in etcdctl output: {b64:?}"))
+            };
+            Kv {
+                key: field("key"),
+                value: field("value"),
+                lease: kv.get("lease").and_then(Value::as_i64).unwrap_or(0),
+            }
+        })
+        .collect();
+    (doc, kvs)
 }
 
 /// Standard base64 (with padding, as etcdctl's JSON writes it). `None` on

@@ -1,8 +1,9 @@
 //! Helpers for the fault suite (`tests/faults.rs`): a [`Fleet`] of websocket
 //! clients kept alive by one background thread, a concurrent handshake
 //! storm ([`Fleet::storm`]), a black-holed raw connection
-//! ([`blackhole_connect`]), the sidecar as a separate process ([`Sidecar`]),
-//! and Prometheus counters read from etcd and skyapi ([`metric_sum`]).
+//! ([`blackhole_connect`]), a TCP forwarder that can partition skyapi from
+//! etcd ([`TcpProxy`]), and Prometheus counters read from etcd and skyapi
+//! ([`metric_sum`]).
 //!
 //! Invariants:
 //! - a fleet client answers the server's pings for as long as it lives
@@ -14,9 +15,8 @@
 //! - every wait has a deadline; every process started here is killed on drop.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
@@ -27,9 +27,8 @@ use tungstenite::handshake::client::ClientHandshake;
 use tungstenite::handshake::{HandshakeError, MidHandshake};
 use tungstenite::Message;
 
-use super::client::{next_event, tcp_connect, Event, Ws};
-use super::skyapi::BIN;
-use super::{poll_until, spawn_tied, Etcd, POLL_TICK};
+use super::client::{is_timeout, next_event, socket_addr_of, tcp_connect, Event, Ws};
+use super::{poll_until, Etcd};
 
 /// How often the fleet thread reads every client.
 const PUMP_TICK: Duration = Duration::from_millis(25);
@@ -303,7 +302,7 @@ impl Fleet {
             let streams: Vec<TcpStream> = wave
                 .iter()
                 .map(|url| {
-                    let s = tcp_connect(addr_of(url));
+                    let s = tcp_connect(socket_addr_of(url));
                     s.set_nonblocking(true).expect("set_nonblocking");
                     s
                 })
@@ -381,22 +380,11 @@ impl Drop for Fleet {
     }
 }
 
-/// `IP:port` of a `ws://IP:port/...` URL.
-fn addr_of(url: &str) -> SocketAddr {
-    let rest = url
-        .strip_prefix("ws://")
-        .unwrap_or_else(|| panic!("test URLs are ws://ADDR/...: {url}"));
-    let authority = rest.split('/').next().unwrap_or(rest);
-    authority
-        .parse()
-        .unwrap_or_else(|e| panic!("URL authority {authority:?} is not IP:port: {e}"))
-}
-
 /// A raw TCP connection that completes the websocket upgrade for `url` and
 /// is never read or written again: a peer behind a network black hole
 /// whose TCP connection stays open. Returns once the `101` head is read.
 pub fn blackhole_connect(url: &str) -> TcpStream {
-    let addr = addr_of(url);
+    let addr = socket_addr_of(url);
     let path = &url["ws://".len() + url["ws://".len()..].find('/').expect("URL has a path")..];
     let mut s = tcp_connect(addr);
     write!(
@@ -422,11 +410,7 @@ pub fn blackhole_connect(url: &str) -> TcpStream {
                 String::from_utf8_lossy(&head)
             ),
             Ok(_) => head.push(byte[0]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
+            Err(e) if is_timeout(&e) => {}
             Err(e) => panic!("reading the upgrade answer from {addr}: {e}"),
         }
     }
@@ -450,11 +434,7 @@ pub fn http10_get(addr: SocketAddr, path: &str) -> (u16, String) {
         match s.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => raw.extend_from_slice(&buf[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
+            Err(e) if is_timeout(&e) => {}
             Err(e) => panic!("GET {addr}{path}: {e}"),
         }
         assert!(
@@ -517,99 +497,6 @@ pub fn body_of(response: &str) -> &str {
         .split_once("\r\n\r\n")
         .map(|(_, b)| b)
         .unwrap_or("")
-}
-
-type Logs = Arc<Mutex<Vec<String>>>;
-
-/// `skyapi provide` (the sidecar) as a separate process: one that can be
-/// frozen with SIGSTOP, like a real hung service.
-pub struct Sidecar {
-    child: Child,
-    args: Vec<String>,
-    logs: Logs,
-    status: Option<ExitStatus>,
-}
-
-impl Sidecar {
-    /// Runs `skyapi provide ARGS...`.
-    pub fn start(args: &[&str]) -> Sidecar {
-        let mut cmd = Command::new(BIN);
-        cmd.arg("provide").args(args);
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("SKYAPI_") {
-                cmd.env_remove(key);
-            }
-        }
-        cmd.env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = spawn_tied(cmd).unwrap_or_else(|e| panic!("spawn {BIN} provide: {e}"));
-        let logs: Logs = Arc::default();
-        let stderr = child.stderr.take().expect("piped stderr");
-        let sink = logs.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                match line {
-                    Ok(l) => sink.lock().unwrap_or_else(|p| p.into_inner()).push(l),
-                    Err(_) => break,
-                }
-            }
-        });
-        Sidecar {
-            child,
-            args: args.iter().map(|s| s.to_string()).collect(),
-            logs,
-            status: None,
-        }
-    }
-
-    pub fn signal(&self, sig: libc::c_int) {
-        assert!(self.status.is_none(), "the sidecar already exited");
-        // SAFETY: plain kill(2) on a pid we own and have not reaped.
-        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
-        assert_eq!(
-            rc,
-            0,
-            "kill(sidecar, {sig}): {}",
-            std::io::Error::last_os_error()
-        );
-    }
-
-    /// Waits up to `within` for the process to exit.
-    pub fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
-        poll_until(within, || {
-            if self.status.is_none() {
-                self.status = self.child.try_wait().expect("try_wait sidecar");
-            }
-            self.status.is_some()
-        });
-        self.status
-    }
-
-    pub fn logs(&self) -> Vec<String> {
-        self.logs.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        if self.status.is_none() {
-            // Why ignored: it may have exited meanwhile; wait() reaps either
-            // way. SIGKILL also ends a SIGSTOPped process.
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if thread::panicking() {
-            // Let the reader catch the last lines.
-            thread::sleep(POLL_TICK);
-            eprintln!(
-                "--- sidecar {:?} log ---\n{}\n--- end of sidecar log ---",
-                self.args,
-                self.logs().join("\n")
-            );
-        }
-    }
 }
 
 /// Every key under `prefix` with its value parsed as JSON and its lease.
@@ -722,11 +609,7 @@ fn copy(mut from: TcpStream, mut to: TcpStream, paused: &AtomicBool, stop: &Atom
                     break;
                 }
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
+            Err(e) if is_timeout(&e) => {}
             Err(_) => break,
         }
     }

@@ -12,7 +12,6 @@ use std::fs;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,13 +19,13 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 use serde_json::Value;
-use tungstenite::handshake::HandshakeError;
 use tungstenite::protocol::Role;
-use tungstenite::{Error as WsError, Message, WebSocket};
+use tungstenite::WebSocket;
 
-use super::etcd::base64_decode;
-use super::skyapi::BIN;
-use super::{spawn_tied, tcp_connect, unique_name, Etcd, Event, Ws, REPLY_WITHIN};
+use super::client::{handshake, is_timeout, next_event};
+use super::etcd::parse_get;
+use super::pki::{issue, make_ca};
+use super::{tcp_connect, Etcd, Event, Skyapi, TempDir, Ws, REPLY_WITHIN};
 
 // ------------------------------------------------------------------ etcd
 
@@ -44,27 +43,17 @@ pub fn snapshot(etcd: &Etcd) -> Snapshot {
     let out = etcd
         .etcdctl(&["get", "--prefix", "-w", "json", "--", ""])
         .unwrap_or_else(|e| panic!("{e}"));
-    let doc: Value = serde_json::from_str(&out)
-        .unwrap_or_else(|e| panic!("etcdctl get -w json gave non-JSON ({e}): {out}"));
+    let (doc, kvs) = parse_get(&out);
     let revision = doc
         .pointer("/header/revision")
         .and_then(Value::as_i64)
         .unwrap_or_else(|| panic!("no header.revision in {out}"));
-    let mut kvs = BTreeMap::new();
-    for kv in doc
-        .get("kvs")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let field = |name: &str| {
-            let b64 = kv.get(name).and_then(Value::as_str).unwrap_or("");
-            let bytes = base64_decode(b64)
-                .unwrap_or_else(|| panic!("bad base64 in etcdctl output: {b64:?}"));
-            String::from_utf8_lossy(&bytes).into_owned()
-        };
-        kvs.insert(field("key"), field("value"));
-    }
+    // Lossy: any bytes at all must show up in a diff, not stop the test.
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    let kvs = kvs
+        .iter()
+        .map(|kv| (text(&kv.key), text(&kv.value)))
+        .collect();
     Snapshot { revision, kvs }
 }
 
@@ -150,10 +139,6 @@ pub fn upgrade_request(target: &[u8], extra: &[String]) -> Vec<u8> {
     }
     req.extend_from_slice(b"\r\n");
     req
-}
-
-fn is_timeout(e: &std::io::Error) -> bool {
-    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
 }
 
 /// Reads from `s` until `done(buffer)` holds, the peer ends the connection,
@@ -242,7 +227,7 @@ pub fn exchange(addr: SocketAddr, request: &[u8]) -> (Outcome, Option<Ws>) {
         );
     }
     let mut ws = WebSocket::from_partially_read(s, raw[end..].to_vec(), Role::Client, None);
-    match super::next_event(&mut ws, REPLY_WITHIN) {
+    match next_event(&mut ws, REPLY_WITHIN) {
         Some(Event::Text(t)) if t.starts_with("ERROR") => {
             let closed = super::try_read_until_close(&mut ws, REPLY_WITHIN);
             let (code, reason, more) = match closed {
@@ -320,32 +305,6 @@ pub fn frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
     f
 }
 
-/// The next thing a server does on a websocket over any stream: the same
-/// as [`super::next_event`], for TLS streams too.
-pub fn next_event_on<S: Read + Write>(ws: &mut WebSocket<S>, within: Duration) -> Option<Event> {
-    let deadline = Instant::now() + within;
-    loop {
-        match ws.read() {
-            Ok(Message::Text(t)) => return Some(Event::Text(t.as_str().to_string())),
-            Ok(Message::Binary(b)) => return Some(Event::Binary(b.to_vec())),
-            Ok(Message::Ping(p)) => return Some(Event::Ping(p.to_vec())),
-            Ok(Message::Pong(p)) => return Some(Event::Pong(p.to_vec())),
-            Ok(Message::Close(f)) => {
-                return Some(Event::Close(
-                    f.map(|f| (u16::from(f.code), f.reason.as_str().to_string())),
-                ))
-            }
-            Ok(Message::Frame(_)) => continue,
-            Err(WsError::Io(e)) if is_timeout(&e) => {
-                if Instant::now() >= deadline {
-                    return None;
-                }
-            }
-            Err(e) => return Some(Event::Ended(e.to_string())),
-        }
-    }
-}
-
 /// The first close frame (or end) within `within`, skipping everything else.
 pub fn close_code_on<S: Read + Write>(
     ws: &mut WebSocket<S>,
@@ -354,7 +313,7 @@ pub fn close_code_on<S: Read + Write>(
     let deadline = Instant::now() + within;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        match next_event_on(ws, left) {
+        match next_event(ws, left) {
             Some(Event::Close(Some(frame))) => {
                 // Answer the close; errors only mean the server hung up.
                 let _ = ws.flush();
@@ -457,40 +416,6 @@ pub fn set_nofile_soft(pid: u32, soft: u64) -> u64 {
     old.rlim_cur
 }
 
-// ------------------------------------------------------------- files
-
-/// A temp dir removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("skyapi-test-{}", unique_name(tag)));
-        fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    /// Writes `name` atomically (temp file, then rename), so a reader never
-    /// sees half a file.
-    pub fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.path(name);
-        let tmp = self.path(&format!(".{name}.tmp"));
-        fs::write(&tmp, text).expect("write temp file");
-        fs::rename(&tmp, &path).expect("rename temp file");
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        // Why ignored: a leftover temp dir is harmless and must not mask the result.
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
 // --------------------------------------------------------------- TLS
 
 /// A CA and a server certificate for 127.0.0.1 (SAN `IP:127.0.0.1`,
@@ -502,85 +427,18 @@ pub struct Pki {
     pub key: PathBuf,
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("running openssl (is it installed?): {e}"));
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 impl Pki {
     pub fn generate() -> Pki {
         let dir = TempDir::new("pki");
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-        ];
-        let mut ca_args = vec!["req", "-x509"];
-        ca_args.extend(ec);
-        ca_args.extend([
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=skyapi test CA",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ]);
-        openssl(&dir.0, &ca_args);
-        let mut csr_args = vec!["req"];
-        csr_args.extend(ec);
-        csr_args.extend([
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
+        make_ca(&dir.0);
+        issue(
+            &dir.0,
+            "server",
             "/CN=127.0.0.1",
-        ]);
-        openssl(&dir.0, &csr_args);
-        dir.write(
-            "server.ext",
             "basicConstraints=critical,CA:FALSE\n\
              keyUsage=critical,digitalSignature\n\
              extendedKeyUsage=serverAuth\n\
              subjectAltName=IP:127.0.0.1\n",
-        );
-        openssl(
-            &dir.0,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "server.csr",
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                "server.pem",
-                "-days",
-                "2",
-                "-extfile",
-                "server.ext",
-            ],
         );
         Pki {
             ca: dir.path("ca.pem"),
@@ -633,20 +491,7 @@ pub fn tls_connect(addr: SocketAddr, config: &Arc<ClientConfig>) -> Result<TlsSt
 
 /// A websocket handshake over an established TLS stream.
 pub fn wss_connect(url: &str, tls: TlsStream) -> Result<WebSocket<TlsStream>, String> {
-    let deadline = Instant::now() + REPLY_WITHIN;
-    let mut attempt = tungstenite::client(url, tls);
-    loop {
-        match attempt {
-            Ok((ws, _)) => return Ok(ws),
-            Err(HandshakeError::Interrupted(mid)) => {
-                if Instant::now() >= deadline {
-                    return Err(format!("no handshake answer within {REPLY_WITHIN:?}"));
-                }
-                attempt = mid.handshake();
-            }
-            Err(HandshakeError::Failure(e)) => return Err(format!("handshake failed: {e}")),
-        }
-    }
+    handshake(url, tls)
 }
 
 /// `GET path` over TLS; the status and the whole response text.
@@ -682,57 +527,20 @@ pub fn https_get(
 
 // ----------------------------------------------------------- sidecar
 
-/// `skyapi provide ...` as a child process, its log in a file, killed on
-/// drop.
-pub struct Sidecar {
-    child: Child,
-    log: PathBuf,
-    _dir: TempDir,
-}
+/// `skyapi provide ...` as a child process ([`Skyapi::provide`]), its log
+/// read as one text; killed on drop.
+pub struct Sidecar(Skyapi);
 
 impl Sidecar {
     pub fn start(args: &[&str], env: &[(&str, &str)]) -> Sidecar {
-        let dir = TempDir::new("sidecar");
-        let log = dir.path("sidecar.log");
-        let file = fs::File::create(&log).expect("create sidecar log");
-        let mut cmd = Command::new(BIN);
-        cmd.arg("provide").args(args);
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("SKYAPI_") {
-                cmd.env_remove(key);
-            }
-        }
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        cmd.env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(file);
-        let child = spawn_tied(cmd).unwrap_or_else(|e| panic!("spawn {BIN} provide: {e}"));
-        Sidecar {
-            child,
-            log,
-            _dir: dir,
-        }
+        Sidecar(Skyapi::provide(args, env))
     }
 
     pub fn logs(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
+        self.0.logs().join("\n")
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        // Why ignored: it may have exited already; wait() reaps either way.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("--- sidecar log ---\n{}\n--- end ---", self.logs());
-        }
+        self.0.pid()
     }
 }

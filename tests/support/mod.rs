@@ -1,6 +1,9 @@
 //! Harness shared by the integration tests: throwaway etcd members
-//! ([`Etcd`]), the real `skyapi` binary ([`Skyapi`]), small websocket and
-//! HTTP clients ([`client`]), and the waiting primitives they all use.
+//! ([`Etcd`]), the real `skyapi` binary as a server or the sidecar
+//! ([`Skyapi`]), small websocket and HTTP clients ([`client`]), throwaway
+//! certificates ([`pki`]) and temp dirs ([`TempDir`]), and the waiting
+//! primitives they all use. The per-suite modules (`faults`, `hostile`,
+//! `operate`) hold what only one suite needs.
 //!
 //! Invariants every helper keeps:
 //! - everything listens on loopback, on ports the OS picked;
@@ -20,14 +23,17 @@ pub mod etcd;
 pub mod faults;
 pub mod hostile;
 pub mod operate;
+pub mod pki;
 pub mod skyapi;
 
 pub use client::*;
 pub use etcd::Etcd;
 pub use skyapi::{run_to_exit, Finished, Skyapi};
 
+use std::fs;
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Mutex, OnceLock};
@@ -101,6 +107,55 @@ pub fn unique_name(tag: &str) -> String {
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
     format!("{tag}-{}-{n}-{nanos:x}", std::process::id())
+}
+
+/// A fresh etcd member and a skyapi started against it with `args`.
+pub fn start(args: &[&str]) -> (Etcd, Skyapi) {
+    let etcd = Etcd::start_new();
+    let sky = Skyapi::start(&etcd, args);
+    (etcd, sky)
+}
+
+/// Lower-case hex SHA-1 of `s`: the original skyapi's ids are this of
+/// service, category, host and port.
+pub fn sha1_hex(s: &str) -> String {
+    use sha1::{Digest, Sha1};
+    Sha1::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A temp dir removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("skyapi-test-{}", unique_name(tag)));
+        fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// Writes `name` atomically (temp file, then rename), so a reader never
+    /// sees half a file.
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.path(name);
+        let tmp = self.path(&format!(".{name}.tmp"));
+        fs::write(&tmp, text).expect("write temp file");
+        fs::rename(&tmp, &path).expect("rename temp file");
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        // Why ignored: a leftover temp dir is harmless and must not mask the result.
+        let _ = fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Spawns `cmd` so that the child gets SIGKILL when this test process dies,

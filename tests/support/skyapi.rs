@@ -1,11 +1,15 @@
-//! The real `skyapi` binary as a child process.
+//! The real `skyapi` binary as a child process, a server or the sidecar.
 //!
 //! [`Skyapi::start`] adds `--listen-addr 127.0.0.1:0` and `--etcd-api
-//! <endpoint>` unless the caller gives them, collects stdout and stderr line
-//! by line in the background, and waits for the readiness line
-//! `listening on ADDR` to learn the bound port. On drop the process is
-//! killed, and if the test is failing everything it logged is printed.
+//! <endpoint>` unless the caller gives them; [`Skyapi::server`] runs exactly
+//! the arguments and environment given. Every run is hermetic (no
+//! `SKYAPI_*` from the developer's shell), collects stdout and stderr line
+//! by line in the background, and a server is waited for until its
+//! readiness line `listening on ADDR` gives the bound port. On drop the
+//! process is killed, and if the test is failing everything it logged is
+//! printed.
 
+use std::fs;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -13,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use super::{poll_until, spawn_tied, Etcd};
+use super::{free_port, poll_until, spawn_tied, Etcd};
 
 /// The binary under test, built by cargo for this test run.
 pub const BIN: &str = env!("CARGO_BIN_EXE_skyapi");
@@ -23,13 +27,19 @@ const READY_WITHIN: Duration = Duration::from_secs(10);
 
 pub type Logs = Arc<Mutex<Vec<String>>>;
 
+/// The binary as a child process: a server ([`Skyapi::start`],
+/// [`Skyapi::server`]) or the sidecar ([`Skyapi::provide`]).
 pub struct Skyapi {
+    /// `skyapi` or `sidecar`, for messages.
+    kind: String,
+    /// `kind` with the arguments (and environment), for messages.
+    name: String,
     child: Child,
-    addr: SocketAddr,
     logs: Logs,
-    args: Vec<String>,
     status: Option<ExitStatus>,
     readers: Vec<JoinHandle<()>>,
+    /// What a server logged as `listening on ADDR`; `None` for the sidecar.
+    addr: Option<SocketAddr>,
 }
 
 /// Copies `from` line by line into `logs`, tagging each line with `tag`,
@@ -48,43 +58,13 @@ fn collect_lines(
                 Ok(0) | Err(_) => break,
                 Ok(_) => {
                     let line = String::from_utf8_lossy(&buf).trim_end().to_string();
-                    logs.lock().unwrap().push(format!("{tag}{line}"));
+                    logs.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(format!("{tag}{line}"));
                 }
             }
         }
     })
-}
-
-fn spawn(args: &[String]) -> (Child, Logs, Vec<JoinHandle<()>>) {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args);
-    // Hermetic: skyapi also reads its flags from SKYAPI_<FLAG>; a value set
-    // in the developer's shell must not change what a test runs.
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("SKYAPI_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = spawn_tied(cmd).unwrap_or_else(|e| panic!("spawn {BIN}: {e}"));
-    let logs: Logs = Arc::default();
-    let readers = vec![
-        collect_lines(child.stdout.take().unwrap(), "[stdout] ", logs.clone()),
-        collect_lines(child.stderr.take().unwrap(), "", logs.clone()),
-    ];
-    (child, logs, readers)
-}
-
-/// Waits for the reader threads, so every line the exited process wrote is
-/// in the log.
-fn join_readers(readers: &mut Vec<JoinHandle<()>>) {
-    for r in readers.drain(..) {
-        // Why ignored: a reader only ends by EOF or a read error; either way its lines are in.
-        let _ = r.join();
-    }
 }
 
 /// The address in a line containing `listening on ADDR`, if any.
@@ -101,6 +81,47 @@ pub fn parse_listening(line: &str) -> Option<SocketAddr> {
 }
 
 impl Skyapi {
+    /// Runs the binary with `args` and, of the `SKYAPI_*` variables, exactly
+    /// those in `env` (skyapi also reads its flags from SKYAPI_<FLAG>: a
+    /// value set in the developer's shell must not change what a test runs).
+    /// `kind` (`skyapi`, `sidecar`) names it in messages.
+    pub fn spawn(kind: &str, args: &[String], env: &[(&str, &str)]) -> Skyapi {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("SKYAPI_") {
+                cmd.env_remove(key);
+            }
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = spawn_tied(cmd).unwrap_or_else(|e| panic!("spawn {BIN}: {e}"));
+        let logs: Logs = Arc::default();
+        let readers = vec![
+            collect_lines(child.stdout.take().unwrap(), "[stdout] ", logs.clone()),
+            collect_lines(child.stderr.take().unwrap(), "", logs.clone()),
+        ];
+        let name = if env.is_empty() {
+            format!("{kind} {args:?}")
+        } else {
+            format!("{kind} {args:?} env {env:?}")
+        };
+        Skyapi {
+            kind: kind.to_string(),
+            name,
+            child,
+            logs,
+            status: None,
+            readers,
+            addr: None,
+        }
+    }
+
     /// Starts skyapi against `etcd` with `args`, plus `--listen-addr
     /// 127.0.0.1:0` and `--etcd-api <etcd>` where `args` has none.
     pub fn start(etcd: &Etcd, args: &[&str]) -> Skyapi {
@@ -120,49 +141,88 @@ impl Skyapi {
 
     /// Starts skyapi with exactly `args` and waits for `listening on`.
     pub fn start_args(args: Vec<String>) -> Skyapi {
-        let (child, logs, readers) = spawn(&args);
-        let mut sky = Skyapi {
-            child,
-            addr: "0.0.0.0:0".parse().unwrap(),
-            logs,
-            args,
-            status: None,
-            readers,
-        };
+        Skyapi::try_server(&args, &[]).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Starts a server with exactly `args` (and `env`, see
+    /// [`spawn`](Self::spawn)) and waits for `listening on ADDR`. `Err`
+    /// (with the log) if it exits first, e.g. because its fixed port is
+    /// taken.
+    pub fn try_server(args: &[String], env: &[(&str, &str)]) -> Result<Skyapi, String> {
+        let mut p = Skyapi::spawn("skyapi", args, env);
         let deadline = Instant::now() + READY_WITHIN;
         loop {
-            let found = sky.logs().iter().find_map(|l| parse_listening(l));
-            if let Some(addr) = found {
-                sky.addr = addr;
-                return sky;
+            if let Some(addr) = p.logs().iter().find_map(|l| parse_listening(l)) {
+                p.addr = Some(addr);
+                return Ok(p);
             }
-            if let Some(status) = sky.try_status() {
-                panic!(
-                    "skyapi {:?} exited with {status} before logging `listening on`:\n{}",
-                    sky.args,
-                    sky.logs().join("\n")
-                );
+            if let Some(status) = p.try_status() {
+                p.join_readers();
+                return Err(format!(
+                    "{} exited with {status} before logging `listening on`:\n{}",
+                    p.name,
+                    p.logs().join("\n")
+                ));
             }
             if Instant::now() >= deadline {
                 panic!(
-                    "skyapi {:?} did not log `listening on ADDR` within {READY_WITHIN:?}:\n{}",
-                    sky.args,
-                    sky.logs().join("\n")
+                    "{} did not log `listening on ADDR` within {READY_WITHIN:?}:\n{}",
+                    p.name,
+                    p.logs().join("\n")
                 );
             }
             thread::sleep(Duration::from_millis(10));
         }
     }
 
-    /// The address skyapi reported it bound.
+    /// [`try_server`](Self::try_server) or panic.
+    pub fn server(args: &[&str], env: &[(&str, &str)]) -> Skyapi {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        Skyapi::try_server(&args, env).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A server on `127.0.0.1:<port>` with its etcd at `etcd_api`, where
+    /// `port` is fixed so the server can be restarted on it. Retries with
+    /// another port if the first is taken meanwhile (only a first start
+    /// can; pass `retry: false` for a restart).
+    pub fn server_on(etcd_api: &str, port: u16, extra: &[&str], retry: bool) -> Skyapi {
+        let mut port = port;
+        let mut failures = Vec::new();
+        for _ in 0..5 {
+            let mut args: Vec<String> = vec![
+                "--listen-addr".into(),
+                format!("127.0.0.1:{port}"),
+                "--etcd-api".into(),
+                etcd_api.into(),
+            ];
+            args.extend(extra.iter().map(|s| s.to_string()));
+            match Skyapi::try_server(&args, &[]) {
+                Ok(p) => return p,
+                Err(e) if retry => failures.push(e),
+                Err(e) => panic!("restarting the server on port {port}: {e}"),
+            }
+            port = free_port();
+        }
+        panic!("could not start a server:\n{}", failures.join("\n"));
+    }
+
+    /// `skyapi provide ARGS` (the sidecar), with `env` as for
+    /// [`spawn`](Self::spawn).
+    pub fn provide(args: &[&str], env: &[(&str, &str)]) -> Skyapi {
+        let mut full = vec!["provide".to_string()];
+        full.extend(args.iter().map(|s| s.to_string()));
+        Skyapi::spawn("sidecar", &full, env)
+    }
+
+    /// The address the server reported it bound.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.addr.expect("not a server, or not listening yet")
     }
 
     /// Where a client on this machine reaches it (loopback when it bound
     /// an unspecified address).
     pub fn connect_addr(&self) -> SocketAddr {
-        let mut a = self.addr;
+        let mut a = self.addr();
         if a.ip().is_unspecified() {
             a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
         }
@@ -179,50 +239,105 @@ impl Skyapi {
     }
 
     pub fn signal(&self, sig: libc::c_int) {
-        assert!(self.status.is_none(), "skyapi already exited");
+        assert!(self.status.is_none(), "{} already exited", self.name);
         // SAFETY: plain kill(2) on a pid we own and have not reaped.
         let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
         assert_eq!(
             rc,
             0,
-            "kill(skyapi, {sig}): {}",
+            "kill({}, {sig}): {}",
+            self.kind,
             std::io::Error::last_os_error()
         );
     }
 
-    fn try_status(&mut self) -> Option<ExitStatus> {
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
         if self.status.is_none() {
-            self.status = self.child.try_wait().expect("try_wait skyapi");
+            self.status = self.child.try_wait().expect("try_wait");
         }
         self.status
     }
 
-    /// Waits up to `within` for the process to exit.
+    /// Waits up to `within` for the process to exit; once it has, every
+    /// line it wrote is in [`logs`](Self::logs).
     pub fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
         poll_until(within, || self.try_status().is_some());
+        if self.status.is_some() {
+            self.join_readers();
+        }
         self.status
+    }
+
+    /// SIGTERM, then waits up to 10 s and asserts a clean exit (status 0).
+    pub fn terminate(&mut self) {
+        self.signal(libc::SIGTERM);
+        match self.wait_exit(Duration::from_secs(10)) {
+            Some(s) if s.success() => {}
+            Some(s) => panic!(
+                "{} exited with {s} after SIGTERM:\n{}",
+                self.name,
+                self.logs().join("\n")
+            ),
+            None => panic!("{} still running 10 s after SIGTERM", self.name),
+        }
     }
 
     /// Everything logged so far (stdout lines are tagged `[stdout] `).
     pub fn logs(&self) -> Vec<String> {
-        self.logs.lock().unwrap().clone()
+        // A poisoned lock still holds every line; this also runs in `drop`
+        // while unwinding, where a second panic would abort.
+        self.logs.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Lines logged so far that contain `needle`.
+    pub fn lines_with(&self, needle: &str) -> Vec<String> {
+        self.logs()
+            .into_iter()
+            .filter(|l| l.contains(needle))
+            .collect()
+    }
+
+    /// CPU time (user + system) the process has used so far.
+    pub fn cpu_time(&self) -> Duration {
+        let path = format!("/proc/{}/stat", self.child.id());
+        let stat = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // The command name (field 2) may hold spaces: count after its ')'.
+        let rest = &stat[stat.rfind(')').expect("comm field") + 1..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // Fields 14 and 15 of the file (utime, stime) are 12 and 13 here.
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        // SAFETY: sysconf has no preconditions.
+        let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        Duration::from_millis(ticks * 1000 / per_sec)
+    }
+
+    /// Waits for the reader threads, so every line the exited process wrote
+    /// is in the log.
+    fn join_readers(&mut self) {
+        for r in self.readers.drain(..) {
+            // Why ignored: a reader only ends by EOF or a read error; either way its lines are in.
+            let _ = r.join();
+        }
     }
 }
 
 impl Drop for Skyapi {
     fn drop(&mut self) {
-        if self.try_status().is_none() {
-            // Why ignored: it may exit between the check and the kill; wait() reaps either way.
+        // Not `try_status`: a panic here, while unwinding, would abort.
+        if self.status.is_none() && !matches!(self.child.try_wait(), Ok(Some(_))) {
+            // Why ignored: it may exit between the check and the kill; wait()
+            // reaps either way. SIGKILL also ends a SIGSTOPped process.
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
         if thread::panicking() {
-            join_readers(&mut self.readers);
+            self.join_readers();
             eprintln!(
-                "--- skyapi {:?} (pid {}) log ---\n{}\n--- end of skyapi log ---",
-                self.args,
+                "--- {} (pid {}) log ---\n{}\n--- end of {} log ---",
+                self.name,
                 self.child.id(),
-                self.logs().join("\n")
+                self.logs().join("\n"),
+                self.kind
             );
         }
     }
@@ -239,25 +354,15 @@ pub struct Finished {
 /// on its own; panics (after killing it) if it does not.
 pub fn run_to_exit(args: &[&str], within: Duration) -> Finished {
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let (mut child, logs, mut readers) = spawn(&args);
-    let mut status = None;
-    poll_until(within, || {
-        status = child.try_wait().expect("try_wait skyapi");
-        status.is_some()
-    });
-    let Some(status) = status else {
-        // Why ignored: best effort before failing the test.
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!(
-            "skyapi {args:?} still running after {within:?}:\n{}",
-            logs.lock().unwrap().join("\n")
-        );
-    };
-    join_readers(&mut readers);
-    let lines = logs.lock().unwrap().clone();
-    let (stdout, stderr): (Vec<_>, Vec<_>) =
-        lines.into_iter().partition(|l| l.starts_with("[stdout] "));
+    let mut p = Skyapi::spawn("skyapi", &args, &[]);
+    // On a panic, dropping `p` kills the process and prints its log.
+    let status = p
+        .wait_exit(within)
+        .unwrap_or_else(|| panic!("skyapi {args:?} still running after {within:?}"));
+    let (stdout, stderr): (Vec<_>, Vec<_>) = p
+        .logs()
+        .into_iter()
+        .partition(|l| l.starts_with("[stdout] "));
     Finished {
         status,
         stdout: stdout
