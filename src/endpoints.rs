@@ -53,7 +53,11 @@ fn healthz(shared: &Shared, stream: &mut dyn Write) {
         plain(
             stream,
             503,
-            &format!("etcd unavailable for {age}s: {}", one_line(&why)),
+            &format!(
+                "etcd unavailable for {age}s: {} ({} keys queued)",
+                one_line(&why),
+                h.pending
+            ),
         );
     } else {
         plain(stream, 503, &format!("no etcd lease for {age}s"));
