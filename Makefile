@@ -1,5 +1,6 @@
 # skyapi: `make run` to try it, `make test` to test it. Both install what is
-# missing first (Debian packages: etcd-server, etcd-client, protobuf-compiler).
+# missing first (Debian packages: etcd-server, etcd-client, protobuf-compiler,
+# and openssl, which the TLS tests use to make certificates).
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -18,6 +19,7 @@ deps:
 	command -v etcd >/dev/null 2>&1 || missing="$$missing etcd-server"; \
 	command -v etcdctl >/dev/null 2>&1 || missing="$$missing etcd-client"; \
 	command -v protoc >/dev/null 2>&1 || missing="$$missing protobuf-compiler"; \
+	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
