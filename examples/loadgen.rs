@@ -187,7 +187,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let limit = procfs::raise_nofile();
+    let limit = skyapi::server::raise_fd_limit().unwrap_or(0);
     eprintln!("loadgen: open-file limit {limit}");
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

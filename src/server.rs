@@ -166,7 +166,10 @@ pub fn run(config: Config) -> Result<(), String> {
     // restarted), which is how shutdown reaches connection threads.
     signal_hook::flag::register(WAKE_SIGNAL, Arc::new(AtomicBool::new(false)))
         .map_err(|e| format!("cannot install the wake-up handler: {e}"))?;
-    raise_fd_limit();
+    match raise_fd_limit() {
+        Ok(limit) => info!("open-file limit {limit}"),
+        Err(e) => warn!("cannot read the open-file limit: {e}"),
+    }
     // Threads started from here on inherit a mask blocking the process-wide
     // signals, so the kernel delivers those to this thread only: a SIGTERM
     // never interrupts a connection's socket call halfway.
@@ -393,10 +396,11 @@ fn mask_signals(how: libc::c_int) {
     }
 }
 
-/// Raises the soft open-file limit to the hard limit: each connection is one
-/// descriptor, and the usual soft limit of 1024 is far below
-/// `--max-connections`.
-fn raise_fd_limit() {
+/// Raises the soft open-file limit to the hard limit and returns the limit
+/// now in force: each connection is one descriptor, and the usual soft
+/// limit of 1024 is far below `--max-connections`. Public so the load
+/// generator and the tests, which open as many sockets, use the same code.
+pub fn raise_fd_limit() -> std::io::Result<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -404,8 +408,7 @@ fn raise_fd_limit() {
     // SAFETY: plain syscalls on a stack struct we own.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            warn!("cannot read the open-file limit");
-            return;
+            return Err(std::io::Error::last_os_error());
         }
         if lim.rlim_cur < lim.rlim_max {
             let wanted = libc::rlimit {
@@ -417,5 +420,5 @@ fn raise_fd_limit() {
             }
         }
     }
-    info!("open-file limit {}", lim.rlim_cur);
+    Ok(lim.rlim_cur)
 }

@@ -1762,7 +1762,7 @@ impl Drop for StopOnDrop<'_> {
 /// steady client stays registered and a new one registers; then the
 /// server's threads and descriptors return to where they were.
 fn exhaust_and_recover(slow: usize, big: usize) {
-    let limit = raise_nofile();
+    let limit = ::skyapi::server::raise_fd_limit().expect("getrlimit");
     assert!(
         limit as usize > slow + big + 256,
         "the open-file limit ({limit}) is too low for {slow} + {big} sockets"

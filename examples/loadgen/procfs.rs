@@ -94,32 +94,6 @@ pub fn cpu_percent(a: &Sample, b: &Sample) -> f64 {
     (b.cpu_ticks.saturating_sub(a.cpu_ticks)) as f64 / clock_ticks() / secs * 100.0
 }
 
-/// Raises this process's soft open-file limit to the hard limit; returns the
-/// limit in force. (skyapi does the same at start in src/server.rs, in a
-/// private function the example cannot call, so it keeps this copy.)
-pub fn raise_nofile() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscalls on a struct we own.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return 0;
-        }
-        if lim.rlim_cur < lim.rlim_max {
-            let wanted = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0 {
-                lim = wanted;
-            }
-        }
-    }
-    lim.rlim_cur
-}
-
 /// The kernel's TCP listen-queue counters (machine-wide, from
 /// /proc/net/netstat): a SYN or final ACK dropped because an accept queue
 /// was full shows up here.

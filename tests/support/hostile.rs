@@ -355,33 +355,6 @@ pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
-/// Raises this process's soft open-file limit to the hard limit and returns
-/// the new soft limit. Children spawned afterwards inherit it.
-pub fn raise_nofile() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscalls on a stack struct we own.
-    unsafe {
-        assert_eq!(
-            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim),
-            0,
-            "getrlimit"
-        );
-        if lim.rlim_cur < lim.rlim_max {
-            let wanted = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0 {
-                lim = wanted;
-            }
-        }
-    }
-    lim.rlim_cur
-}
-
 /// Sets the soft open-file limit of process `pid` (hard limit unchanged)
 /// and returns the previous soft limit.
 pub fn set_nofile_soft(pid: u32, soft: u64) -> u64 {
