@@ -50,6 +50,13 @@ usage: skyapi [FLAGS]                 run the server
   --host-must-match-peer    refuse a host= other than the peer's own address
   --max-connections N       open connections beyond which new ones get 503
                             (default 10000)
+  --handshake-timeout SECS  a request head (and TLS handshake) must be complete
+                            within this (default 5)
+  --max-head-size BYTES     largest request head; 431 beyond (default 8192)
+  --max-message-size BYTES  largest websocket frame or message a client may
+                            send; close 1009 beyond (default 4096)
+  --max-message-rate N      messages a second a client may send, bursts of 5x;
+                            close 1008 beyond (default 20)
   --log-level LEVEL         error, warn, info, debug or trace (default info)
   --etcd-pool-size N        accepted and ignored, as in the original skyapi
   -h, --help                this text
@@ -90,7 +97,7 @@ exits 0. Flags may come from the environment as SKYAPI_<FLAG> too.
 /// What the command line asks for.
 #[derive(Debug)]
 pub enum Command {
-    Serve(Config),
+    Serve(Box<Config>),
     Provide(SidecarConfig),
     Help,
     ProvideHelp,
@@ -107,10 +114,35 @@ pub struct Config {
     pub timeout: Duration,
     pub log_level: LevelFilter,
     pub max_connections: usize,
+    pub limits: Limits,
     pub token_file: Option<PathBuf>,
     /// Certificate chain and key files for wss://.
     pub tls: Option<(PathBuf, PathBuf)>,
     pub host_must_match_peer: bool,
+}
+
+/// What one connection may cost; each limit is logged when hit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// The request head (and TLS handshake) must be complete within this.
+    pub handshake_timeout: Duration,
+    /// Largest request head in bytes.
+    pub max_head: usize,
+    /// Largest websocket frame or message from a client, in bytes.
+    pub max_message: usize,
+    /// Sustained messages a second from a client; bursts of 5x that.
+    pub message_rate: f64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            handshake_timeout: Duration::from_secs(5),
+            max_head: 8 * 1024,
+            max_message: 4 * 1024,
+            message_rate: 20.0,
+        }
+    }
 }
 
 /// How to reach etcd.
@@ -212,6 +244,25 @@ pub fn parse(args: Vec<OsString>, env: Env) -> Result<Command, ConfigError> {
     let max_conns = f
         .value("--max-connections")?
         .unwrap_or_else(|| "10000".into());
+    let defaults = Limits::default();
+    let limits = Limits {
+        handshake_timeout: match f.value("--handshake-timeout")? {
+            Some(v) => Duration::from_secs(number_flag("--handshake-timeout", &v, 1, 60)?),
+            None => defaults.handshake_timeout,
+        },
+        max_head: match f.value("--max-head-size")? {
+            Some(v) => number_flag("--max-head-size", &v, 1024, 65536)? as usize,
+            None => defaults.max_head,
+        },
+        max_message: match f.value("--max-message-size")? {
+            Some(v) => number_flag("--max-message-size", &v, 125, 1 << 20)? as usize,
+            None => defaults.max_message,
+        },
+        message_rate: match f.value("--max-message-rate")? {
+            Some(v) => number_flag("--max-message-rate", &v, 1, 10_000)? as f64,
+            None => defaults.message_rate,
+        },
+    };
     let etcd_user = f.value("--etcd-user")?;
     let etcd_password = f.value("--etcd-password")?;
     let etcd_cacert = f.value("--etcd-cacert")?;
@@ -272,7 +323,7 @@ pub fn parse(args: Vec<OsString>, env: Env) -> Result<Command, ConfigError> {
         read_file("--token-file", t)?;
     }
 
-    Ok(Command::Serve(Config {
+    Ok(Command::Serve(Box::new(Config {
         listen: listen_addrs(&listen)?,
         etcd: EtcdConfig {
             endpoints,
@@ -297,10 +348,11 @@ pub fn parse(args: Vec<OsString>, env: Env) -> Result<Command, ConfigError> {
                 "--max-connections: {max_conns:?} is not a positive number"
             ))
         })?,
+        limits,
         token_file: token_file.map(PathBuf::from),
         tls,
         host_must_match_peer,
-    }))
+    })))
 }
 
 fn parse_provide(args: Vec<OsString>, env: Env) -> Result<Command, ConfigError> {
@@ -639,7 +691,7 @@ mod tests {
 
     fn serve(args: &[&str]) -> Result<Config, ConfigError> {
         match parse(args.iter().map(OsString::from).collect(), &|_| None)? {
-            Command::Serve(c) => Ok(c),
+            Command::Serve(c) => Ok(*c),
             other => panic!("{other:?}"),
         }
     }
@@ -692,11 +744,40 @@ mod tests {
             (&["--etcd-prefix", "/a/../b"], "--etcd-prefix"),
             (&["--log-level", "loud"], "--log-level"),
             (&["--max-connections", "0"], "--max-connections"),
+            (&["--handshake-timeout", "0"], "--handshake-timeout"),
+            (&["--max-head-size", "100"], "--max-head-size"),
+            (&["--max-message-size", "x"], "--max-message-size"),
+            (&["--max-message-rate", "0"], "--max-message-rate"),
             (&["--bogus"], "--bogus"),
         ];
         for (args, flag) in cases {
             let e = serve(args).unwrap_err().to_string();
             assert!(e.contains(flag), "{args:?}: {e}");
         }
+    }
+
+    #[test]
+    fn limits_have_safe_defaults_and_flags() {
+        assert_eq!(serve(&[]).unwrap().limits, Limits::default());
+        let c = serve(&[
+            "--handshake-timeout",
+            "2",
+            "--max-head-size",
+            "2048",
+            "--max-message-size",
+            "1000",
+            "--max-message-rate",
+            "5",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.limits,
+            Limits {
+                handshake_timeout: Duration::from_secs(2),
+                max_head: 2048,
+                max_message: 1000,
+                message_rate: 5.0,
+            }
+        );
     }
 }

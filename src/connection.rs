@@ -10,8 +10,8 @@
 //! - a client is dropped once nothing at all (no pong, no frame) has arrived
 //!   for `--timeout`; pings go out every `--timeout`/3, so a live client
 //!   gets at least two chances to answer;
-//! - what a peer sends is bounded: the head by `http::MAX_HEAD`, frames and
-//!   messages by `MAX_MESSAGE`, the message rate by a token bucket.
+//! - what a peer sends is bounded (`config::Limits`): the head's size and
+//!   time, frames and messages, and the message rate (a token bucket).
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpStream};
@@ -32,10 +32,6 @@ use crate::server::Shared;
 use crate::transport::{is_timeout, Socket, Transport};
 use crate::worker::{Ack, ConnId};
 
-/// A request head must be complete within this (slowloris).
-pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
-/// Largest frame or message a client may send; a registrar needs none.
-pub const MAX_MESSAGE: usize = 4 * 1024;
 /// A blocked write (a client that reads nothing) fails after this.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a closing connection waits for the client's close frame.
@@ -45,19 +41,19 @@ const CLOSE_WAIT: Duration = Duration::from_millis(500);
 const ACK_FIRST_WAIT: Duration = Duration::from_secs(1);
 /// How often a connection waiting for etcd checks for the acknowledgement.
 const ACK_POLL: Duration = Duration::from_millis(50);
-/// Message rate a client may sustain (messages per second), and its burst.
-const MSG_RATE: f64 = 20.0;
-const MSG_BURST: f64 = 100.0;
+/// How many seconds' worth of `--max-message-rate` a client may send at once.
+const MSG_BURST_SECS: f64 = 5.0;
 
 /// Small buffers and caps: tungstenite's defaults (128 KiB buffers, 64 MiB
 /// messages) are for data streams, not for ten thousand idle registrations.
-pub fn ws_config() -> WebSocketConfig {
+/// A registrar needs no client messages at all: `max_message` caps them.
+pub fn ws_config(max_message: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(4 * 1024)
         .write_buffer_size(0)
         .max_write_buffer_size(16 * 1024)
-        .max_message_size(Some(MAX_MESSAGE))
-        .max_frame_size(Some(MAX_MESSAGE))
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_message))
 }
 
 /// A live registration, as `/services` lists it.
@@ -98,14 +94,28 @@ pub fn serve(shared: &Arc<Shared>, id: ConnId, stream: TcpStream, peer: SocketAd
 }
 
 fn serve_on<T: Transport>(shared: &Arc<Shared>, id: ConnId, mut stream: T, peer: SocketAddr) {
-    let head = match http::read_head(&mut stream, Instant::now() + HANDSHAKE_DEADLINE) {
+    let limits = shared.limits;
+    let deadline = Instant::now() + limits.handshake_timeout;
+    let head = match http::read_head(&mut stream, deadline, limits.max_head) {
         Ok(h) => h,
         Err(HeadError::Gone) => return,
         Err(HeadError::TimedOut) => {
-            debug!("{peer}: request head not complete within {HANDSHAKE_DEADLINE:?}: dropped");
+            shared.limit_hit(
+                "--handshake-timeout",
+                &format!(
+                    "{peer}: request head not complete within {}s: dropped",
+                    limits.handshake_timeout.as_secs()
+                ),
+            );
             return;
         }
-        Err(HeadError::TooLarge) => return plain(&mut stream, 431, "request head too large"),
+        Err(HeadError::TooLarge) => {
+            shared.limit_hit(
+                "--max-head-size",
+                &format!("{peer}: request head over {} bytes: 431", limits.max_head),
+            );
+            return plain(&mut stream, 431, "request head too large");
+        }
         Err(HeadError::Malformed(why)) => {
             return plain(&mut stream, 400, &format!("malformed request: {why}"))
         }
@@ -261,8 +271,9 @@ fn provide<T: Transport>(
             if http::switch_protocols(&mut stream, &accept_key).is_err() {
                 return;
             }
+            let config = ws_config(shared.limits.max_message);
             let mut ws =
-                WebSocket::from_partially_read(stream, head.rest, Role::Server, Some(ws_config()));
+                WebSocket::from_partially_read(stream, head.rest, Role::Server, Some(config));
             let reason = refusal.to_string();
             close(
                 &mut ws,
@@ -291,7 +302,8 @@ fn provide<T: Transport>(
             .registration(metrics::Registration::Abandoned);
         return;
     }
-    let mut ws = WebSocket::from_partially_read(stream, head.rest, Role::Server, Some(ws_config()));
+    let config = ws_config(shared.limits.max_message);
+    let mut ws = WebSocket::from_partially_read(stream, head.rest, Role::Server, Some(config));
     let mut acked = false;
     let ending = hold(shared, &mut ws, &entry, &who, ack, &registered, &mut acked);
     if acked {
@@ -372,7 +384,9 @@ fn hold<T: Transport>(
     let mut last_heard = Instant::now();
     let mut next_ping = last_heard + ping_every;
     let mut first_wait = true;
-    let mut tokens = MSG_BURST;
+    let rate = shared.limits.message_rate;
+    let burst = rate * MSG_BURST_SECS;
+    let mut tokens = burst;
     let mut last_refill = Instant::now();
 
     loop {
@@ -484,9 +498,12 @@ fn hold<T: Transport>(
                     Message::Text(_) | Message::Binary(_) => {
                         let elapsed = last_heard.duration_since(last_refill).as_secs_f64();
                         last_refill = last_heard;
-                        tokens = (tokens + elapsed * MSG_RATE).min(MSG_BURST) - 1.0;
+                        tokens = (tokens + elapsed * rate).min(burst) - 1.0;
                         if tokens < 0.0 {
-                            warn!("{who}: client floods messages: closing");
+                            shared.limit_hit(
+                                "--max-message-rate",
+                                &format!("{who}: client floods messages: closing"),
+                            );
                             close(ws, CloseCode::Policy, "too many messages", None, true);
                             return Removal::Error;
                         }
@@ -509,7 +526,7 @@ fn hold<T: Transport>(
                         Removal::Close
                     }
                     tungstenite::Error::Capacity(c) => {
-                        warn!("{who}: {c}: closing");
+                        shared.limit_hit("--max-message-size", &format!("{who}: {c}: closing"));
                         close(ws, CloseCode::Size, "message too big", None, false);
                         Removal::Error
                     }

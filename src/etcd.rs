@@ -65,10 +65,16 @@ impl EtcdStore {
         match result {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(self.classify(e)),
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "no answer within {} ms",
-                REQUEST_TIMEOUT.as_millis()
-            ))),
+            Err(_) => {
+                // The keepalive stream is pinned to one connection: if that
+                // member hangs, every keepalive on it would hang too. Open a
+                // new stream next time; the balancer then picks a live member.
+                self.keeper = None;
+                Err(StoreError::Unavailable(format!(
+                    "no answer within {} ms",
+                    REQUEST_TIMEOUT.as_millis()
+                )))
+            }
         }
     }
 

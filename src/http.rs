@@ -2,7 +2,7 @@
 //! and a deadline, routing it, and writing plain responses.
 //!
 //! Every connection starts here, websocket or not, so the limits are the
-//! same for all paths: a head larger than `MAX_HEAD` gets 431, a head not
+//! same for all paths: a head larger than `--max-head-size` gets 431, a head not
 //! complete within the handshake deadline is dropped (slowloris), and a
 //! malformed one gets 400. Plain responses always close the connection.
 //!
@@ -14,8 +14,6 @@ use crate::transport::{is_timeout, Transport};
 use std::io::{self, Write};
 use std::time::Instant;
 
-/// Largest request head (request line and headers) we read.
-pub const MAX_HEAD: usize = 8 * 1024;
 /// Most headers in one request.
 const MAX_HEADERS: usize = 32;
 
@@ -61,9 +59,14 @@ pub enum HeadError {
     Malformed(String),
 }
 
-/// Reads one request head from `stream`, failing at `deadline`. With TLS
-/// the TLS handshake happens here too, under the same deadline.
-pub fn read_head<T: Transport>(stream: &mut T, deadline: Instant) -> Result<Head, HeadError> {
+/// Reads one request head of at most `max_head` bytes from `stream`,
+/// failing at `deadline`. With TLS the TLS handshake happens here too, under
+/// the same deadline.
+pub fn read_head<T: Transport>(
+    stream: &mut T,
+    deadline: Instant,
+    max_head: usize,
+) -> Result<Head, HeadError> {
     stream.socket().set_deadline(Some(deadline));
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
@@ -99,7 +102,7 @@ pub fn read_head<T: Transport>(stream: &mut T, deadline: Instant) -> Result<Head
                     rest: buf[len..].to_vec(),
                 });
             }
-            Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
+            Ok(httparse::Status::Partial) if buf.len() >= max_head => {
                 return Err(HeadError::TooLarge)
             }
             Ok(httparse::Status::Partial) => {}

@@ -13,7 +13,7 @@ fn main() -> ExitCode {
     let result = match config::parse(std::env::args_os().skip(1).collect(), &env) {
         Ok(Command::Serve(c)) => {
             init_logging(c.log_level);
-            skyapi::server::run(c)
+            skyapi::server::run(*c)
         }
         Ok(Command::Provide(c)) => {
             init_logging(c.log_level);

@@ -25,7 +25,7 @@ use log::{debug, error, info, warn};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use crate::auth::Tokens;
-use crate::config::Config;
+use crate::config::{Config, Limits};
 use crate::connection::{self, Live};
 use crate::etcd::EtcdStore;
 use crate::metrics::{Metered, Metrics};
@@ -35,6 +35,8 @@ use crate::worker::{self, ConnId, SharedHealth, WorkerHandle};
 /// Stack of a connection thread. The deepest path (handshake, JSON, logging)
 /// needs well under this; only touched pages cost memory.
 pub const CONN_STACK: usize = 128 * 1024;
+/// Each limit is logged at most this often.
+const LIMIT_LOG_EVERY: Duration = Duration::from_secs(10);
 /// Pending connections the kernel queues before accept().
 const LISTEN_BACKLOG: libc::c_int = 4096;
 /// How long the worker gets to revoke the lease at shutdown.
@@ -51,6 +53,9 @@ pub struct Shared {
     pub worker: WorkerHandle,
     pub health: SharedHealth,
     pub max_connections: usize,
+    pub limits: Limits,
+    /// When each limit was last logged, and how often it was hit since.
+    limit_log: Mutex<HashMap<&'static str, (Instant, u64)>>,
     pub metrics: Arc<Metrics>,
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub host_must_match_peer: bool,
@@ -91,6 +96,25 @@ impl Shared {
             unsafe {
                 libc::pthread_kill(thread.0, WAKE_SIGNAL);
             }
+        }
+    }
+
+    /// Logs that a limit was hit, at most once per `LIMIT_LOG_EVERY` per
+    /// limit (with the count since), so a flood of bad clients cannot flood
+    /// the log too.
+    pub fn limit_hit(&self, limit: &'static str, what: &str) {
+        let mut log = self.limit_log.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let entry = log.entry(limit).or_insert((now - LIMIT_LOG_EVERY, 0));
+        entry.1 += 1;
+        if now.duration_since(entry.0) >= LIMIT_LOG_EVERY {
+            let also = entry.1 - 1;
+            if also > 0 {
+                warn!("{limit} hit: {what} (and {also} more times since the last report)");
+            } else {
+                warn!("{limit} hit: {what}");
+            }
+            *entry = (now, 0);
         }
     }
 
@@ -211,6 +235,8 @@ pub fn run(config: Config) -> Result<(), String> {
         worker,
         health,
         max_connections: config.max_connections,
+        limits: config.limits,
+        limit_log: Mutex::new(HashMap::new()),
         metrics,
         tls,
         host_must_match_peer: config.host_must_match_peer,
@@ -313,7 +339,6 @@ fn bind(candidates: &[SocketAddr]) -> Result<TcpListener, String> {
 }
 
 fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
-    let mut refused_logged = Instant::now() - Duration::from_secs(60);
     loop {
         let (stream, peer) = match listener.accept() {
             Ok(pair) => pair,
@@ -336,13 +361,10 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
         }
         if shared.open.fetch_add(1, Ordering::SeqCst) >= shared.max_connections {
             shared.open.fetch_sub(1, Ordering::SeqCst);
-            if refused_logged.elapsed() > Duration::from_secs(10) {
-                warn!(
-                    "--max-connections {} reached: answering 503",
-                    shared.max_connections
-                );
-                refused_logged = Instant::now();
-            }
+            shared.limit_hit(
+                "--max-connections",
+                &format!("{} connections open: answering 503", shared.max_connections),
+            );
             // Plain HTTP only: a TLS client would need a handshake first,
             // which is the thread this limit exists to save.
             if shared.tls.is_none() {
