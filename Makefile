@@ -61,8 +61,13 @@ run: release
 	echo "skyapi on $(LISTEN); try: websocat 'ws://127.0.0.1:8053/provide?service=foo&port=9999'"; \
 	./target/release/skyapi --listen-addr $(LISTEN) --etcd-api http://127.0.0.1:$(ETCD_PORT) $(ARGS)
 
+# Ends with one line adding up every test binary's summary, so the total is
+# the last thing printed (cargo's own last summary is a binary with no tests;
+# the `#[ignore]`d soak variants are run by `make soak`).
 test: deps
-	$(CARGO) test --all-targets
+	@mkdir -p target
+	set -o pipefail; $(CARGO) test --all-targets 2>&1 | tee target/test.log
+	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "tests: %d passed, %d failed\n", p, f }' target/test.log
 
 lint: deps
 	$(CARGO) fmt --check
