@@ -6,9 +6,11 @@
 //! and is the only async code in the program.
 //!
 //! Invariants: every call returns within `REQUEST_TIMEOUT` (plus connect
-//! time), so a hung etcd never freezes the worker; the client is created
-//! lazily and rebuilt after failures, and the keepalive stream (which
-//! etcd-client neither times nor rebuilds) is rebuilt on its next use.
+//! time), so a hung etcd never freezes the worker; there is one client per
+//! endpoint, created lazily, and a member that does not answer is left for
+//! the next one (a failed request is sent on at once); the keepalive stream
+//! (which etcd-client neither times nor rebuilds) is reopened, on the
+//! current member, after any failure.
 
 use std::future::Future;
 use std::time::Duration;
@@ -31,10 +33,14 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
 /// Keys per page of the reconcile's range read.
 const LIST_PAGE: i64 = 10_000;
 
+/// One client per endpoint, used one at a time: the store fails over to
+/// the next endpoint itself when the current one does not answer, rather
+/// than leaving it to a load balancer that may pick a hung member again.
 pub struct EtcdStore {
     rt: Runtime,
     config: EtcdConfig,
-    client: Option<Client>,
+    clients: Vec<Option<Client>>,
+    current: usize,
     keeper: Option<(i64, LeaseKeeper, LeaseKeepAliveStream)>,
 }
 
@@ -43,62 +49,65 @@ impl EtcdStore {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
+        let clients = config.endpoints.iter().map(|_| None).collect();
         Ok(EtcdStore {
             rt,
             config,
-            client: None,
+            clients,
+            current: 0,
             keeper: None,
         })
     }
 
-    /// Runs one etcd call against the (possibly new) client, bounded in time;
-    /// drops the client after transport failures so the next call reconnects.
+    /// Runs one etcd call against the current endpoint's client, bounded in
+    /// time; when the endpoint does not answer, the next call goes to the
+    /// next endpoint.
     fn call<T, F, Fut>(&mut self, f: F) -> Result<T, StoreError>
     where
         F: FnOnce(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        let client = self.client()?;
-        let result = self
-            .rt
-            .block_on(async { tokio::time::timeout(REQUEST_TIMEOUT, f(client)).await });
-        match result {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(self.classify(e)),
-            Err(_) => {
-                // The keepalive stream is pinned to one connection: if that
-                // member hangs, every keepalive on it would hang too. Open a
-                // new stream next time; the balancer then picks a live member.
-                self.keeper = None;
-                Err(StoreError::Unavailable(format!(
+        let result = match self.client() {
+            Ok(client) => match self
+                .rt
+                .block_on(async { tokio::time::timeout(REQUEST_TIMEOUT, f(client)).await })
+            {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) => Err(self.classify(e)),
+                Err(_) => Err(StoreError::Unavailable(format!(
                     "no answer within {} ms",
                     REQUEST_TIMEOUT.as_millis()
-                )))
-            }
+                ))),
+            },
+            Err(e) => Err(e),
+        };
+        if let Err(StoreError::Unavailable(_)) = &result {
+            self.fail_over();
         }
+        result
     }
 
-    /// `call` for a request that may be sent again: when it fails fast on
-    /// the transport (a member just went away) and there are other members,
-    /// it is retried at once, up to `ATTEMPTS` times, so the balancer's
-    /// next pick is a live member rather than 0.5 s later.
+    /// Drops the current endpoint's client (and the keepalive stream, which
+    /// is pinned to its connection) and moves on to the next endpoint.
+    fn fail_over(&mut self) {
+        self.keeper = None;
+        self.clients[self.current] = None;
+        self.current = (self.current + 1) % self.clients.len();
+    }
+
+    /// `call` for a request that may be sent again: when a member does not
+    /// answer, the request is sent at once to the next one (each member at
+    /// most once), rather than 0.5 s later by the worker's retry.
     fn unary<T, F, Fut>(&mut self, f: F) -> Result<T, StoreError>
     where
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        const ATTEMPTS: usize = 3;
-        const FAST: Duration = Duration::from_millis(200);
         let mut attempt = 1;
         loop {
-            let started = std::time::Instant::now();
             match self.call(&f) {
-                Err(StoreError::Unavailable(why))
-                    if attempt < ATTEMPTS
-                        && self.config.endpoints.len() > 1
-                        && started.elapsed() < FAST =>
-                {
-                    log::debug!("etcd: {why}; trying another member");
+                Err(StoreError::Unavailable(why)) if attempt < self.clients.len() => {
+                    log::debug!("etcd: {why}; trying the next member");
                     attempt += 1;
                 }
                 other => return other,
@@ -107,12 +116,11 @@ impl EtcdStore {
     }
 
     fn client(&mut self) -> Result<Client, StoreError> {
-        if let Some(c) = &self.client {
+        if let Some(c) = &self.clients[self.current] {
             return Ok(c.clone());
         }
-        // HTTP/2 pings find a member that hangs (frozen, partitioned) in
-        // about a second, so the balancer stops sending requests to it
-        // instead of each one waiting out REQUEST_TIMEOUT.
+        // HTTP/2 pings find a connection to a member that hangs (frozen,
+        // partitioned) in about a second, often before a request times out.
         let mut options = ConnectOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
             .with_timeout(REQUEST_TIMEOUT)
@@ -135,17 +143,17 @@ impl EtcdStore {
             }
             options = options.with_tls(tls);
         }
-        let endpoints = self.config.endpoints.clone();
+        let endpoint = [self.config.endpoints[self.current].clone()];
         let connected = self.rt.block_on(async {
             tokio::time::timeout(
                 CONNECT_TIMEOUT + REQUEST_TIMEOUT,
-                Client::connect(endpoints, Some(options)),
+                Client::connect(endpoint, Some(options)),
             )
             .await
         });
         match connected {
             Ok(Ok(c)) => {
-                self.client = Some(c.clone());
+                self.clients[self.current] = Some(c.clone());
                 Ok(c)
             }
             // A refused login (wrong password) is `Rejected`: the worker
@@ -172,19 +180,13 @@ impl EtcdStore {
                     | Code::PermissionDenied
                     | Code::FailedPrecondition
                     | Code::OutOfRange => StoreError::Rejected(msg),
-                    _ => {
-                        self.keeper = None;
-                        StoreError::Unavailable(msg)
-                    }
+                    _ => StoreError::Unavailable(msg),
                 }
             }
             E::LeaseKeepAliveError(msg) if msg.contains("lease not found") => {
                 StoreError::LeaseNotFound
             }
-            other => {
-                self.keeper = None;
-                StoreError::Unavailable(error_chain(&other))
-            }
+            other => StoreError::Unavailable(error_chain(&other)),
         }
     }
 }
