@@ -999,15 +999,7 @@ fn sidecar_tcp_check_gates_the_registration() {
         &key,
         true,
     );
-    // The key is stored before the welcome reaches the sidecar and it logs.
-    assert!(
-        poll_until(Duration::from_secs(3), || side
-            .lines_with("registered foo.services")
-            .len()
-            == 2),
-        "two registrations logged: {:?}",
-        side.lines_with("registered foo.services")
-    );
+    wait_logged(&side, "registered foo.services", 2);
 }
 
 #[test]
@@ -1071,15 +1063,7 @@ fn sidecar_http_check_gates_the_registration() {
         &key,
         true,
     );
-    // The key is stored before the welcome reaches the sidecar and it logs.
-    assert!(
-        poll_until(Duration::from_secs(3), || side
-            .lines_with("registered web.services")
-            .len()
-            == 2),
-        "two registrations logged: {:?}",
-        side.lines_with("registered web.services")
-    );
+    wait_logged(&side, "registered web.services", 2);
 }
 
 #[test]
@@ -1772,4 +1756,16 @@ fn etcd_tls_with_client_certificates() {
         "an entry was written without a client certificate"
     );
     assert_eq!(healthz(no_cert.addr()).0, 503);
+}
+
+/// Waits (3 s at most) until `needle` has been logged `times` times by the
+/// sidecar: the key is stored before the welcome reaches the sidecar and it
+/// logs, so a log check right after the key appears would race.
+fn wait_logged(side: &Proc, needle: &str, times: usize) {
+    assert!(
+        poll_until(Duration::from_secs(3), || side.lines_with(needle).len()
+            == times),
+        "{times} lines with {needle:?} logged: {:?}",
+        side.lines_with(needle)
+    );
 }
