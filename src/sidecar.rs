@@ -129,7 +129,10 @@ enum End {
     /// The connection ended; `quick` if it was a held registration (stored,
     /// or open long enough to be more than a server that drops at once)
     /// that was not refused: it is taken up again at once.
-    Lost { why: String, quick: bool },
+    Lost {
+        why: String,
+        quick: bool,
+    },
 }
 
 impl Sidecar {

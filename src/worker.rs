@@ -49,8 +49,8 @@ const MAX_BATCH: usize = 4096;
 /// one per client; the delay costs DNS nothing, and a lone registration
 /// waits only `GATHER_GAP`.
 const STARTUP_GATHER: Duration = Duration::from_secs(5);
-const GATHER_WINDOW: Duration = Duration::from_millis(50);
-const GATHER_GAP: Duration = Duration::from_millis(10);
+const GATHER_WINDOW: Duration = Duration::from_millis(200);
+const GATHER_GAP: Duration = Duration::from_millis(25);
 
 /// Identifies one connection, so shared keys can be reference-counted.
 pub type ConnId = u64;
@@ -105,7 +105,10 @@ pub enum Command {
     /// instance goes in one request); without, the entries stay on the
     /// lease, which is no longer kept alive, for a restarted or another
     /// instance to take over (see `Stop`).
-    Shutdown { done: Sender<()>, stop: Stop },
+    Shutdown {
+        done: Sender<()>,
+        stop: Stop,
+    },
 }
 
 /// How the worker ends.
@@ -680,7 +683,10 @@ impl<S: Store> Worker<S> {
     }
 
     fn etcd_up(&self) -> bool {
-        self.health.lock().unwrap_or_else(|p| p.into_inner()).etcd_up
+        self.health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .etcd_up
     }
 }
 
@@ -1037,12 +1043,18 @@ mod tests {
         }));
         assert!(rx.try_recv().is_ok());
         assert_eq!(fake.get("/d/a").unwrap(), ("v".into(), lease));
-        assert!(fake.get("/d/b").is_none(), "a delete queued before the stop is written");
+        assert!(
+            fake.get("/d/b").is_none(),
+            "a delete queued before the stop is written"
+        );
         assert!(fake.get("/d/c").is_none());
         assert_eq!(fake.count("revoke"), 0);
         assert_eq!(fake.count("put"), 0);
         assert!(fake.0.borrow().leases.contains(&lease));
-        assert!(pending.try_recv().unwrap().is_err(), "the waiting registration is told");
+        assert!(
+            pending.try_recv().unwrap().is_err(),
+            "the waiting registration is told"
+        );
     }
 
     #[test]

@@ -817,23 +817,26 @@ fn sidecar_registers_and_reregisters_after_server_restart() {
         json!({"host": "127.0.0.1", "port": 7001, "priority": 3, "weight": 7, "ttl": 60})
     );
 
-    // A clean stop revokes the server's lease: the entry goes, so the one
-    // that comes back is the sidecar's new registration.
+    // A clean stop is a restart: the entry stays on the stopped server's
+    // lease, and the sidecar's new registration moves it to the restarted
+    // server's lease.
+    let old_lease = etcd_reader(&etcd)()[&key].1;
     server.terminate();
-    wait_key(
-        "entry gone with the stopped server",
-        Duration::from_secs(3),
-        etcd_reader(&etcd),
-        &key,
-        false,
+    assert_eq!(
+        etcd_reader(&etcd)().get(&key).map(|(_, l)| *l),
+        Some(old_lease),
+        "the entry outlives the stopped server"
     );
     let server = Proc::server_on(&etcd.endpoint(), port, &[], false);
-    wait_key(
-        "sidecar re-registers with the restarted server",
-        Duration::from_secs(15),
-        etcd_reader(&etcd),
-        &key,
-        true,
+    let moved = poll_until(Duration::from_secs(15), || {
+        etcd_reader(&etcd)()
+            .get(&key)
+            .is_some_and(|(_, l)| *l != old_lease)
+    });
+    assert!(
+        moved,
+        "the sidecar re-registers with the restarted server: {:?}",
+        etcd_reader(&etcd)().get(&key)
     );
     assert_eq!(
         side.lines_with("registered foo.services.skydns.local.")
@@ -1530,6 +1533,7 @@ fn etcd_auth_survives_token_expiry_and_a_wrong_password_is_unhealthy() {
             "skyapi",
             "--timeout",
             "6",
+            "--revoke-on-exit",
         ],
         &[("SKYAPI_ETCD_PASSWORD", "pw")],
     );
@@ -1614,7 +1618,8 @@ fn etcd_auth_survives_token_expiry_and_a_wrong_password_is_unhealthy() {
         );
     }
 
-    // A clean stop revokes the lease as user skyapi: both entries go.
+    // A stop with --revoke-on-exit revokes the lease as user skyapi: both
+    // entries go.
     let mut sky = sky;
     sky.terminate();
     assert!(
