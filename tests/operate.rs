@@ -886,15 +886,21 @@ fn sidecar_backoff_grows_and_does_not_spin_while_server_is_down() {
     let cpu = side.cpu_time() - cpu_before;
     let delays = reconnect_delays(&side.logs());
 
-    // Delays are drawn from [d/2, d] with d = 500 ms, 1 s, 2 s, 4 s, ...:
-    // at most 5 attempts fit in 5 s, and at least 3 must have happened.
+    // The held registration was lost: one quick attempt (one server) after
+    // [0, 250] ms, then delays drawn from [d/2, d] with d = 500 ms, 1 s,
+    // 2 s, 4 s, ...: at most 6 attempts fit in 5 s, at least 3 must happen.
     assert!(
-        (3..=6).contains(&delays.len()),
-        "{} reconnect attempts in {window:?} (want a handful, 3..=6): {delays:?}",
+        (3..=7).contains(&delays.len()),
+        "{} reconnect attempts in {window:?} (want a handful, 3..=7): {delays:?}",
         delays.len()
     );
-    for (i, d) in delays.iter().enumerate() {
-        let cap = 500u64 << i.min(6);
+    assert!(
+        delays[0] <= 250,
+        "the first attempt after losing a held registration waits {} ms, want [0, 250]",
+        delays[0]
+    );
+    for (i, d) in delays.iter().enumerate().skip(1) {
+        let cap = 500u64 << (i - 1).min(6);
         assert!(
             (cap / 2..=cap).contains(d),
             "delay #{i} is {d} ms, want within [{}, {cap}] ms: {delays:?}",
@@ -928,13 +934,13 @@ fn sidecar_backoff_grows_and_does_not_spin_while_server_is_down() {
     let seen = reconnect_delays(&side.logs()).len();
     server.terminate();
     let reset = eventually(
-        "a reconnect line after the second outage",
+        "two reconnect lines after the second outage",
         Duration::from_secs(5),
-        || reconnect_delays(&side.logs()).get(seen).copied(),
+        || reconnect_delays(&side.logs()).get(seen + 1).copied(),
     );
     assert!(
         (250..=500).contains(&reset),
-        "first delay after a registration is {reset} ms, want [250, 500]: the backoff must reset"
+        "first backoff delay after a registration is {reset} ms, want [250, 500]: the backoff must reset"
     );
     eprintln!("backoff: delays {delays:?} ms, CPU {cpu:?} in {window:?}; after reset {reset} ms");
 
