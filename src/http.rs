@@ -59,8 +59,8 @@ pub enum HeadError {
     Malformed(String),
 }
 
-/// Reads one request head of at most `max_head` bytes from `stream`,
-/// failing at `deadline`. With TLS the TLS handshake happens here too, under
+/// Reads one request head of at most `max_head` bytes (request line,
+/// headers and the blank line) from `stream`, failing at `deadline`. With TLS the TLS handshake happens here too, under
 /// the same deadline.
 pub fn read_head<T: Transport>(
     stream: &mut T,
@@ -71,7 +71,11 @@ pub fn read_head<T: Transport>(
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
-        let n = match stream.read(&mut chunk) {
+        // Never more than the cap: a head of exactly `max_head` bytes fits,
+        // one byte more is refused. Bytes after the head (a first frame) are
+        // left to the websocket, which reads the socket next.
+        let room = (max_head - buf.len()).min(chunk.len());
+        let n = match stream.read(&mut chunk[..room]) {
             Ok(0) => return Err(HeadError::Gone),
             Ok(n) => n,
             Err(e) if is_timeout(&e) => return Err(HeadError::TimedOut),
