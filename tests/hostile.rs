@@ -2321,7 +2321,7 @@ fn max_connections_under_tls_answers_503_and_a_flood_takes_few_threads() {
             other => panic!("{service}: want the welcome, got {other:?}"),
         }
     };
-    let mut held = vec![wss("held0"), wss("held1")];
+    let mut held = [wss("held0"), wss("held1")];
     let before = snapshot(&etcd);
     for path in ["/healthz", "/provide?service=third&port=443"] {
         match https_get(addr, &config, path) {
