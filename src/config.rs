@@ -445,8 +445,13 @@ fn parse_provide(args: Vec<OsString>, env: Env) -> Result<Command, ConfigError> 
         default_category: vec!["services".into()],
         default_ttl: 30,
     };
-    crate::provide::parse(&q, std::net::Ipv4Addr::LOCALHOST.into(), &probe_layout)
+    let probe = crate::provide::parse(&q, std::net::Ipv4Addr::LOCALHOST.into(), &probe_layout)
         .map_err(|e| ConfigError(format!("provide: {e}")))?;
+    if let Some(r) = probe.reserved() {
+        return Err(ConfigError(format!(
+            "--category: names under {r:?} are reserved for the DNS server's own records"
+        )));
+    }
     Ok(Command::Provide(SidecarConfig {
         servers,
         query: q,
@@ -785,6 +790,32 @@ mod tests {
             let e = serve(args).unwrap_err().to_string();
             assert!(e.contains(flag), "{args:?}: {e}");
         }
+    }
+
+    #[test]
+    fn the_sidecar_refuses_reserved_names_before_connecting() {
+        let args = |cat: &str| -> Vec<OsString> {
+            [
+                "provide",
+                "--server",
+                "ws://127.0.0.1:1",
+                "--service",
+                "foo",
+                "--port",
+                "1",
+                "--category",
+                cat,
+            ]
+            .iter()
+            .map(OsString::from)
+            .collect()
+        };
+        let e = parse(args("ns,dns"), &|_| None).unwrap_err().to_string();
+        assert!(e.contains("--category") && e.contains("dns"), "{e}");
+        assert!(matches!(
+            parse(args("dns,services"), &|_| None),
+            Ok(Command::Provide(_))
+        ));
     }
 
     #[test]

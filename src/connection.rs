@@ -31,7 +31,7 @@ use crate::http::{self, Head, HeadError};
 use crate::metrics::{self, Removal};
 use crate::provide::{self, Entry, Registration};
 use crate::server::Shared;
-use crate::transport::{is_timeout, Socket, Transport};
+use crate::transport::{is_over_budget, is_timeout, Bucket, Socket, Transport};
 use crate::worker::{Ack, ConnId};
 
 /// A blocked write (a client that reads nothing) fails after this.
@@ -416,35 +416,6 @@ fn close<T: Transport>(
     }
 }
 
-/// `--max-message-rate` as a token bucket: `rate` messages a second,
-/// bursts of `MSG_BURST_SECS` seconds' worth.
-struct Bucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl Bucket {
-    fn new(rate: f64) -> Self {
-        let burst = rate * MSG_BURST_SECS;
-        Bucket {
-            rate,
-            burst,
-            tokens: burst,
-            last: Instant::now(),
-        }
-    }
-
-    /// Takes one message's token; false when the client is over its rate.
-    fn take(&mut self, now: Instant) -> bool {
-        let elapsed = now.duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst) - 1.0;
-        self.tokens >= 0.0
-    }
-}
-
 /// The liveness loop: pings, reads (and discards) client frames, tells the
 /// client once its entry is stored (setting `acked`), and returns why it
 /// ended.
@@ -462,7 +433,14 @@ fn hold<T: Transport>(
     let mut last_heard = Instant::now();
     let mut next_ping = last_heard + ping_every;
     let mut first_wait = true;
-    let mut bucket = Bucket::new(shared.limits.message_rate);
+    let rate = shared.limits.message_rate;
+    let mut bucket = Bucket::new(rate, rate * MSG_BURST_SECS);
+    // Bytes too, for frames that never make a message: as many as the
+    // message rate at the largest message size.
+    let bytes = rate * shared.limits.max_message as f64;
+    ws.get_mut()
+        .socket()
+        .limit_rate(bytes, bytes * MSG_BURST_SECS);
 
     loop {
         if shared.is_shutting_down() {
@@ -576,7 +554,7 @@ fn hold<T: Transport>(
                 }
                 // Every message counts, pings and pongs too: tungstenite
                 // answers each ping, so a ping flood costs as much as any.
-                if !bucket.take(last_heard) {
+                if !bucket.take(last_heard, 1.0) {
                     shared.limit_hit(
                         "--max-message-rate",
                         &format!("{who}: client floods messages: closing"),
@@ -597,6 +575,14 @@ fn hold<T: Transport>(
                 return match e {
                     tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
                         Removal::Close
+                    }
+                    tungstenite::Error::Io(e) if is_over_budget(&e) => {
+                        shared.limit_hit(
+                            "--max-message-rate",
+                            &format!("{who}: client floods frames: closing"),
+                        );
+                        close(ws, CloseCode::Policy, "too many messages", None, true);
+                        Removal::Error
                     }
                     tungstenite::Error::Capacity(c) => {
                         shared.limit_hit("--max-message-size", &format!("{who}: {c}: closing"));

@@ -2218,7 +2218,7 @@ fn message_flood_is_closed_with_1008_and_others_stay() {
 }
 
 #[test]
-fn ping_flood_is_closed_with_1008_and_others_stay() {
+fn floods_of_pings_pongs_and_fragments_are_closed_with_1008() {
     let _w = watchdog(TEST_LIMIT);
     let (etcd, sky) = start(&[]);
     let (mut steady, steady_key) = registered(&sky, "steady");
@@ -2246,7 +2246,18 @@ fn ping_flood_is_closed_with_1008_and_others_stay() {
         matches!(&got, Ok((1008, _))),
         "the pong flood got {got:?}, want close 1008"
     );
-    for key in [&flood_key, &pongs_key] {
+    // Frames that never make a message (empty continuation fragments) are
+    // held to the bytes that many messages would take.
+    let (mut frames, frames_key) = registered(&sky, "fragments");
+    let mut endless = frame(0x1, false, b"");
+    endless.extend((0..200_000).flat_map(|_| frame(0x0, false, b"")));
+    let _ = frames.get_mut().write_all(&endless);
+    let got = close_code_on(&mut frames, Duration::from_secs(5));
+    assert!(
+        matches!(&got, Ok((1008, _))),
+        "a flood of empty fragments got {got:?}, want close 1008"
+    );
+    for key in [&flood_key, &pongs_key, &frames_key] {
         assert!(
             poll_until(DELETE_WITHIN, || !etcd.get_prefix(ROOT).contains_key(key)),
             "{key} is still in etcd after its flood"
