@@ -1546,7 +1546,25 @@ fn traversal_and_injection_in_labels_are_refused_and_write_nothing() {
         ("service", "%2E".into()),
         ("service", "-%0a-".into()),
     ];
-    let cases = cases_for(&["service", "category", "prefix"], &extra);
+    let mut cases = cases_for(&["service", "category", "prefix"], &extra);
+    // Well-formed names in the DNS servers' own subtrees, disguised or not:
+    // refused as not allowed (403), before any upgrade.
+    for category in [
+        "ns,dns",
+        "ns,DNS",
+        "ns,%64ns",
+        "ns%2Cdns",
+        "com,stub,dns",
+        "dns",
+        "0,in-addr,arpa",
+        "in-addr,%61rpa",
+    ] {
+        cases.push(case(
+            format!("category={category}"),
+            provide(&query_with("category", category)),
+            Want::Http(403),
+        ));
+    }
     assert_cases(&etcd, &sky, &cases);
 }
 
