@@ -125,11 +125,17 @@ fn run_cases(etcd: &Etcd, sky: &Skyapi, cases: &[Case]) -> Vec<String> {
 fn assert_cases(etcd: &Etcd, sky: &Skyapi, cases: &[Case]) {
     let failures = run_cases(etcd, sky, cases);
     let (mut ws, welcome) = register(&sky.url("/provide?service=after&port=1"));
+    let key = welcome["key"].as_str().unwrap_or_default().to_string();
     assert!(
-        welcome["key"].as_str().is_some_and(|k| k.starts_with(ROOT)),
+        key.starts_with(ROOT),
         "a good request after the hostile ones: {welcome}"
     );
     close(&mut ws, DELETE_WITHIN);
+    // Gone before the caller's next snapshot.
+    assert!(
+        poll_until(DELETE_WITHIN, || !etcd.get_prefix(ROOT).contains_key(&key)),
+        "{key} still in etcd after its close"
+    );
     // Log lines are split at LF; a forged one starts with injected text,
     // and no line may carry a raw CR or other control character.
     let forged: Vec<String> = sky
@@ -2416,6 +2422,9 @@ fn max_head_size_is_exact() {
         "a 1500-byte upgrade: {at:?}"
     );
     close(&mut ws.expect("registered socket"), DELETE_WITHIN);
+    assert!(poll_until(DELETE_WITHIN, || etcd
+        .get_prefix(ROOT)
+        .is_empty()));
     let before = snapshot(&etcd);
     let (over, _) = exchange(
         addr,
