@@ -13,7 +13,12 @@
 //!   for `--timeout`; pings go out every `--timeout`/3, so a live client
 //!   gets at least two chances to answer;
 //! - what a peer sends is bounded (`config::Limits`): the head's size and
-//!   time, frames and messages, and the message rate (a token bucket).
+//!   time, frames and messages, and the message rate (a token bucket over
+//!   every message, pings and pongs included, plus a byte budget for frames
+//!   that never make a message);
+//! - a registration's token is checked before the upgrade and again
+//!   whenever the token file is reloaded: a name no longer granted is closed
+//!   with 1008 "token revoked".
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpStream};

@@ -2,9 +2,10 @@
 //! and a deadline, routing it, and writing plain responses.
 //!
 //! Every connection starts here, websocket or not, so the limits are the
-//! same for all paths: a head larger than `--max-head-size` gets 431, a head not
-//! complete within the handshake deadline is dropped (slowloris), and a
-//! malformed one gets 400. Plain responses always close the connection.
+//! same for all paths: a head larger than `--max-head-size` gets 431 (the
+//! cap is exact: no read goes past it), a head not complete within the
+//! handshake deadline is dropped (slowloris), and a malformed one gets 400.
+//! Plain responses always close the connection.
 //!
 //! The websocket upgrade itself is answered here too (101 with the accept
 //! key from tungstenite), because the head has already been read: handing
@@ -60,8 +61,8 @@ pub enum HeadError {
 }
 
 /// Reads one request head of at most `max_head` bytes (request line,
-/// headers and the blank line) from `stream`, failing at `deadline`. With TLS the TLS handshake happens here too, under
-/// the same deadline.
+/// headers and the blank line) from `stream`, failing at `deadline`. With
+/// TLS the TLS handshake happens here too, under the same deadline.
 pub fn read_head<T: Transport>(
     stream: &mut T,
     deadline: Instant,
