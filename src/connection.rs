@@ -52,6 +52,9 @@ const ACK_FIRST_WAIT: Duration = Duration::from_secs(1);
 const ACK_POLL: Duration = Duration::from_millis(50);
 /// How many seconds' worth of `--max-message-rate` a client may send at once.
 const MSG_BURST_SECS: f64 = 5.0;
+/// Bytes allowed per message beyond its payload: a websocket frame header
+/// (at most 14) and a TLS record's overhead (under 100), with room.
+const FRAME_OVERHEAD: usize = 256;
 
 /// Small buffers and caps: tungstenite's defaults (128 KiB buffers, 64 MiB
 /// messages) are for data streams, not for ten thousand idle registrations.
@@ -463,8 +466,9 @@ fn hold<T: Transport>(
     let rate = shared.limits.message_rate;
     let mut bucket = Bucket::new(rate, rate * MSG_BURST_SECS);
     // Bytes too, for frames that never make a message: as many as the
-    // message rate at the largest message size.
-    let bytes = rate * shared.limits.max_message as f64;
+    // message rate at the largest message size, plus room for each one's
+    // frame header and TLS record overhead.
+    let bytes = rate * (shared.limits.max_message + FRAME_OVERHEAD) as f64;
     ws.get_mut()
         .socket()
         .limit_rate(bytes, bytes * MSG_BURST_SECS);
