@@ -802,6 +802,18 @@ mod tests {
     }
 
     #[test]
+    fn admin_listener_is_optional_and_from_the_environment_too() {
+        assert_eq!(serve(&[]).unwrap().admin_listen, None);
+        let c = serve(&["--admin-listen-addr", "127.0.0.1:9100"]).unwrap();
+        assert_eq!(c.admin_listen.unwrap()[0].to_string(), "127.0.0.1:9100");
+        let env = |k: &str| (k == "SKYAPI_ADMIN_LISTEN_ADDR").then(|| ":9100".to_string());
+        let Command::Serve(c) = parse(Vec::new(), &env).unwrap() else {
+            panic!("not a server command");
+        };
+        assert_eq!(c.admin_listen.unwrap()[0].to_string(), "[::]:9100");
+    }
+
+    #[test]
     fn the_sidecar_refuses_reserved_names_before_connecting() {
         let args = |cat: &str| -> Vec<OsString> {
             [
