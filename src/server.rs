@@ -10,6 +10,8 @@
 //!   on a peer and a flood cannot take more threads than that;
 //! - a token file reload closes every live registration its token no longer
 //!   grants (1008 "token revoked"), and touches no other;
+//! - the admin listener (`--admin-listen-addr`, see `admin`) is bound before
+//!   `listening on` is logged and stopped with the main one;
 //! - `accept()` errors (out of file descriptors, ...) are logged and retried
 //!   after a pause, never fatal;
 //! - shutdown is: stop accepting, stop the worker, send every client a
