@@ -12,7 +12,8 @@
 //! - each condition is logged once when it starts, then summarised once per
 //!   `SUMMARY_EVERY` while it lasts, and once when it ends;
 //! - the worker beats on every turn of its loop; a beat older than
-//!   `--timeout` (the lease would have expired unrenewed) is unhealthy.
+//!   `--timeout` (the lease would have expired unrenewed), and at least
+//!   `WORKER_SILENT_LIMIT`, is unhealthy.
 //!
 //! Only the etcd worker writes this state (through `Tracker`); readers take
 //! a copy under the lock and never wait for etcd.
@@ -27,6 +28,9 @@ use crate::metrics::Metrics;
 
 /// How often a lasting etcd condition is summarised in the log.
 pub const SUMMARY_EVERY: Duration = Duration::from_secs(30);
+/// The least silence of the worker taken for a hung worker: one turn of
+/// its loop may spend several bounded etcd calls on hung members.
+pub const WORKER_SILENT_LIMIT: Duration = Duration::from_secs(10);
 
 /// etcd as the worker last found it, as the `state` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,7 +126,7 @@ impl Health {
     /// silent that long has let the lease expire.
     pub fn verdict(&self, now: Instant, timeout: Duration) -> Result<(), String> {
         let silent = now.saturating_duration_since(self.beat);
-        if silent > timeout {
+        if silent > timeout.max(WORKER_SILENT_LIMIT) {
             return Err(format!(
                 "the etcd worker has not run for {}s",
                 silent.as_secs()

@@ -51,7 +51,7 @@ pub const MAX_REJECTED_BACKOFF: Duration = Duration::from_secs(30);
 /// Longest wait between attempts while etcd refuses writes (an alarm) or
 /// permission: a refusal is cheap for etcd, and the queue should be written
 /// within seconds of an operator fixing the cause.
-pub const MAX_REFUSED_BACKOFF: Duration = Duration::from_secs(4);
+pub const MAX_REFUSED_BACKOFF: Duration = Duration::from_secs(2);
 /// Commands drained from the channel before writing, so a reconnect storm
 /// becomes a few full transactions instead of one per client.
 const MAX_BATCH: usize = 4096;
@@ -1098,7 +1098,7 @@ mod tests {
             }
             assert!(fake.count("keepalive") >= 5, "keepalives went on meanwhile");
             assert!(
-                fake.count("put") <= 60 / 4 + 8,
+                fake.count("put") as u64 <= 60 / MAX_REFUSED_BACKOFF.as_secs() + 8,
                 "{refusal}: backed off, {} puts",
                 fake.count("put")
             );

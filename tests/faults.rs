@@ -15,7 +15,7 @@
 //! | 9 | many clients return at once | `many_clients_at_once_are_batched` |
 //! | 10 | skyapi itself stalls beyond `--timeout` (issue 11) | `skyapi_stalled_beyond_timeout_keeps_every_client` |
 //! | 11 | etcd refuses writes: NOSPACE alarm (issue 11) | `etcd_refusing_writes_is_a_steady_503_until_a_write_succeeds` |
-//! | 12 | stale JWT auth tokens (issue 11) | `stale_jwt_tokens_are_refreshed_not_fatal` |
+//! | 12 | stale JWT auth tokens, a permission withdrawn (issue 11) | `stale_jwt_tokens_are_refreshed_not_fatal`, `permission_denied_is_waited_out_not_fatal` |
 //!
 //! Every test asserts the exact etcd contents under `/skydns/` (keys, JSON
 //! values, and the lease where it matters) before, during and after its
@@ -1560,8 +1560,8 @@ fn etcd_refusing_writes_is_a_steady_503_until_a_write_succeeds() {
 
     clear_quota(&etcd);
     let cleared = Instant::now();
-    // The worker backs off to at most 4 s between refused attempts.
-    let bound = Duration::from_secs(4) + BACK_WITHIN;
+    // The worker backs off to at most 2 s between refused attempts.
+    let bound = Duration::from_secs(2) + BACK_WITHIN;
     wait_entries(
         &etcd,
         &on_lease(&[("foo", 9999), ("bar", 8888)], T, lease),
@@ -1660,4 +1660,91 @@ fn stale_jwt_tokens_are_refreshed_not_fatal() {
         0.0,
         "no request counted as bad"
     );
+}
+
+/// skyapi's user loses its permission on `/skydns/` while a client
+/// registers: the registration waits (no `ERROR`), `/healthz` says 503
+/// with the reason, and once the permission is granted again the
+/// registration is stored and `/healthz` is 200.
+#[test]
+fn permission_denied_is_waited_out_not_fatal() {
+    let _w = watchdog(TEST_LIMIT);
+    let dir = TempDir::new("perm");
+    let etcd = jwt_etcd(&dir);
+    let root = Some(JWT_ROOT);
+    let sky = Skyapi::server(
+        &[
+            "--listen-addr",
+            "127.0.0.1:0",
+            "--etcd-api",
+            &etcd.endpoint(),
+            "--etcd-user",
+            "skyapi",
+            "--timeout",
+            "6",
+        ],
+        &[("SKYAPI_ETCD_PASSWORD", "pw")],
+    );
+    let fleet = Fleet::new();
+    let c_foo = fleet.register("foo", &sky.url(&query("foo", 9999)));
+    let grant = [
+        "role",
+        "grant-permission",
+        "skydns-rw",
+        "readwrite",
+        "/skydns/",
+        "--prefix=true",
+    ];
+    etcd.must_as(
+        root,
+        &[
+            "role",
+            "revoke-permission",
+            "skydns-rw",
+            "/skydns/",
+            "--prefix=true",
+        ],
+    );
+    let c_bar = fleet.connect("bar", &sky.url(&query("bar", 8888)));
+    let reason = "etcd denies permission";
+    within(
+        "/healthz 503 with the reason",
+        Instant::now(),
+        Duration::from_secs(3),
+        || match healthz(&sky) {
+            (503, why) if why.contains(reason) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    if let Err(at) = holds_for(Duration::from_secs(3), || {
+        std::thread::sleep(Duration::from_millis(100));
+        healthz(&sky).0 == 503 && fleet.quiet(&[(c_foo, 1), (c_bar, 0)])
+    }) {
+        panic!(
+            "after {at:?}: /healthz {:?}, clients:\n  {}",
+            healthz(&sky),
+            fleet.describe()
+        );
+    }
+    assert_eq!(
+        sky_metric(&sky, "skyapi_etcd_state", &[("state", "permission_denied")]),
+        1.0
+    );
+
+    etcd.must_as(root, &grant);
+    let granted = Instant::now();
+    // The worker backs off to at most 2 s between refused attempts.
+    let bound = Duration::from_secs(2) + BACK_WITHIN;
+    within("the queued client's welcome", granted, bound, || {
+        fleet.welcome(c_bar).ok_or_else(|| fleet.describe())
+    });
+    within("/healthz 200 again", granted, bound, || {
+        match healthz(&sky) {
+            (200, _) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    let stored = etcd.get_prefix_with_lease_as(root, ROOT);
+    assert!(stored.contains_key(&key("bar", 8888)), "{stored:#?}");
+    fleet.assert_connected(&[c_foo, c_bar], "after the permission came back");
 }
