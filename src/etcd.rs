@@ -42,6 +42,10 @@ pub struct EtcdStore {
     clients: Vec<Option<Client>>,
     current: usize,
     keeper: Option<(i64, LeaseKeeper, LeaseKeepAliveStream)>,
+    /// Whether the last call ran on a client connected (and logged in) for
+    /// it: a refused token is then not stale, and logging in again would
+    /// only cost etcd another bcrypt.
+    last_call_fresh: bool,
 }
 
 impl EtcdStore {
@@ -56,6 +60,7 @@ impl EtcdStore {
             clients,
             current: 0,
             keeper: None,
+            last_call_fresh: false,
         })
     }
 
@@ -67,6 +72,7 @@ impl EtcdStore {
         F: FnOnce(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
+        self.last_call_fresh = self.clients[self.current].is_none();
         let result = match self.client() {
             Ok(client) => match self
                 .rt
@@ -120,13 +126,19 @@ impl EtcdStore {
                     log::debug!("etcd: {why}; trying the next member");
                     attempt += 1;
                 }
-                Err(StoreError::Auth(why)) if !relogged && self.config.user.is_some() => {
+                Err(StoreError::Auth(why)) if !relogged && self.may_log_in_again() => {
                     log::info!("etcd: {why}; logging in again and retrying");
                     relogged = true;
                 }
                 other => return other,
             }
         }
+    }
+
+    /// After an `Auth` error: whether the token refused may be stale (see
+    /// `last_call_fresh`), so a fresh login can help.
+    fn may_log_in_again(&self) -> bool {
+        self.config.user.is_some() && !self.last_call_fresh
     }
 
     fn client(&mut self) -> Result<Client, StoreError> {
@@ -178,6 +190,38 @@ impl EtcdStore {
                 other => other,
             }),
             Err(_) => Err(StoreError::Unreachable("connect timed out".into())),
+        }
+    }
+
+    /// One keepalive on the open stream, or opening it.
+    fn keep_alive_once(&mut self, lease: i64) -> Result<(), StoreError> {
+        if self.keeper.as_ref().is_some_and(|(id, _, _)| *id != lease) {
+            self.keeper = None;
+        }
+        match self.keeper.take() {
+            Some((id, mut keeper, mut stream)) => {
+                let answer = self.call(|_| async {
+                    keeper.keep_alive().await?;
+                    stream.message().await
+                })?;
+                match answer {
+                    Some(r) if r.ttl() > 0 => {
+                        self.keeper = Some((id, keeper, stream));
+                        Ok(())
+                    }
+                    Some(_) => Err(StoreError::LeaseNotFound),
+                    // etcd ended the stream; the next call reopens it.
+                    None => Err(StoreError::Unreachable("keepalive stream closed".into())),
+                }
+            }
+            None => {
+                // Opening the stream sends the first keepalive and reads its
+                // answer; a dead lease comes back as an error.
+                let (keeper, stream) =
+                    self.call(|mut c| async move { c.lease_keep_alive(lease).await })?;
+                self.keeper = Some((lease, keeper, stream));
+                Ok(())
+            }
         }
     }
 }
@@ -240,33 +284,13 @@ impl Store for EtcdStore {
     }
 
     fn keep_alive(&mut self, lease: i64) -> Result<(), StoreError> {
-        if self.keeper.as_ref().is_some_and(|(id, _, _)| *id != lease) {
-            self.keeper = None;
-        }
-        match self.keeper.take() {
-            Some((id, mut keeper, mut stream)) => {
-                let answer = self.call(|_| async {
-                    keeper.keep_alive().await?;
-                    stream.message().await
-                })?;
-                match answer {
-                    Some(r) if r.ttl() > 0 => {
-                        self.keeper = Some((id, keeper, stream));
-                        Ok(())
-                    }
-                    Some(_) => Err(StoreError::LeaseNotFound),
-                    // etcd ended the stream; the next call reopens it.
-                    None => Err(StoreError::Unreachable("keepalive stream closed".into())),
-                }
+        // A stale token is refreshed here as in `unary`.
+        match self.keep_alive_once(lease) {
+            Err(StoreError::Auth(why)) if self.may_log_in_again() => {
+                log::info!("etcd: {why}; logging in again and retrying the keepalive");
+                self.keep_alive_once(lease)
             }
-            None => {
-                // Opening the stream sends the first keepalive and reads its
-                // answer; a dead lease comes back as an error.
-                let (keeper, stream) =
-                    self.call(|mut c| async move { c.lease_keep_alive(lease).await })?;
-                self.keeper = Some((lease, keeper, stream));
-                Ok(())
-            }
+            other => other,
         }
     }
 
