@@ -337,6 +337,30 @@ impl Store for EtcdStore {
         Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
     }
 
+    fn rewrite_owned(
+        &mut self,
+        (key, value): &(String, String),
+        lease: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        // A top-level comparison: etcd's quota check counts the put in the
+        // success branch (it does not look into nested transactions).
+        let txn = Txn::new()
+            .when([Compare::lease(key.as_str(), CompareOp::Equal, lease)])
+            .and_then([TxnOp::put(
+                key.as_str(),
+                value.as_str(),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let resp = self.unary(|mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })?;
+        Ok(resp
+            .succeeded()
+            .then(|| resp.header().map(|h| h.revision()))
+            .flatten())
+    }
+
     fn delete_owned(&mut self, keys: &[String], lease: i64) -> Result<(), StoreError> {
         // One outer transaction of nested ones, each deleting its key only if
         // the key is still attached to our lease.

@@ -4,11 +4,11 @@
 //!
 //! Invariants:
 //! - healthy means "registrations are being stored": only a successful
-//!   write makes etcd healthy again after a refused write; an answered
-//!   keepalive or read does so only after errors that would have hit it
-//!   too (unreachable, credentials), and only when no write is waiting (the
-//!   flush right after it decides), so a keepalive never makes `/healthz`
-//!   flap while writes fail;
+//!   write makes etcd healthy again after a refused write (even with etcd
+//!   unreachable in between); an answered keepalive or read does so only
+//!   after errors that would have hit it too (unreachable, credentials),
+//!   and only when no write is waiting (the flush right after it decides),
+//!   so a keepalive never makes `/healthz` flap while writes fail;
 //! - each condition is logged once when it starts, then summarised once per
 //!   `SUMMARY_EVERY` while it lasts, and once when it ends;
 //! - the worker beats on every turn of its loop; a beat older than
@@ -166,6 +166,10 @@ pub struct Tracker {
     last_summary: Instant,
     /// Failures since the condition started or was last summarised.
     failures: u64,
+    /// etcd's last refusal of a write (an alarm, a permission), until a
+    /// write succeeds: a spell of unreachability in between does not
+    /// make it go away.
+    refused: Option<StoreError>,
 }
 
 impl Tracker {
@@ -176,6 +180,7 @@ impl Tracker {
             metrics,
             last_summary: Instant::now(),
             failures: 0,
+            refused: None,
         }
     }
 
@@ -193,6 +198,12 @@ impl Tracker {
         let Some(state) = EtcdState::of(e) else {
             return;
         };
+        if matches!(
+            state,
+            EtcdState::RefusingWrites | EtcdState::PermissionDenied
+        ) {
+            self.refused = Some(e.clone());
+        }
         let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
         if h.state != state || h.last_error.is_none() {
             let was = if h.state == EtcdState::Ok || h.last_error.is_none() {
@@ -228,6 +239,7 @@ impl Tracker {
 
     /// A write succeeded: registrations are being stored.
     pub fn stored(&mut self, now: Instant) {
+        self.refused = None;
         let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
         if h.state == EtcdState::Ok {
             return;
@@ -248,15 +260,19 @@ impl Tracker {
     /// to be written, `held` the entries this instance holds.
     pub fn answered(&mut self, pending: usize, held: usize, now: Instant) {
         let state = self.state();
-        let over = if state.cleared_by_any_answer() {
-            pending == 0
-        } else {
-            // Refused writes are over only when a write succeeds; with
-            // nothing to write and nothing held there is nothing to prove.
-            pending == 0 && held == 0
-        };
-        if over {
-            self.stored(now);
+        if state == EtcdState::Ok || pending > 0 {
+            // Nothing to clear, or the flush that follows decides.
+            return;
+        }
+        // Refused writes are over only when a write succeeds; with nothing
+        // to write and nothing held there is nothing to prove.
+        match self.refused.clone() {
+            Some(_) if held == 0 => self.stored(now),
+            // etcd answers again, and its last word on writes stands.
+            Some(refusal) if state.cleared_by_any_answer() => self.failed(&refusal, pending, now),
+            Some(_) => {}
+            None if state.cleared_by_any_answer() => self.stored(now),
+            None => {}
         }
     }
 
@@ -310,6 +326,22 @@ mod tests {
         assert_eq!(t.state(), EtcdState::RefusingWrites);
         t.stored(now);
         assert_eq!(t.health().verdict(now, Duration::from_secs(30)), Ok(()));
+    }
+
+    #[test]
+    fn unreachable_in_between_does_not_clear_refused_writes() {
+        let mut t = tracker();
+        let now = Instant::now();
+        t.stored(now);
+        t.failed(&StoreError::RefusingWrites(NOSPACE.into()), 0, now);
+        t.failed(&StoreError::Unreachable("http2 error".into()), 0, now);
+        assert_eq!(t.state(), EtcdState::Unreachable);
+        t.answered(0, 3, now);
+        assert_eq!(t.state(), EtcdState::RefusingWrites, "its last word stands");
+        t.stored(now);
+        t.failed(&StoreError::Unreachable("http2 error".into()), 0, now);
+        t.answered(0, 3, now);
+        assert_eq!(t.state(), EtcdState::Ok, "no refusal since the last write");
     }
 
     #[test]

@@ -445,6 +445,13 @@ impl<S: Store> Store for Metered<S> {
     fn delete_owned(&mut self, keys: &[String], lease: i64) -> Result<(), StoreError> {
         self.timed(Op::Delete, |s| s.delete_owned(keys, lease))
     }
+    fn rewrite_owned(
+        &mut self,
+        kv: &(String, String),
+        lease: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        self.timed(Op::Put, |s| s.rewrite_owned(kv, lease))
+    }
     fn list(&mut self, dir: &str) -> Result<Vec<StoredKv>, StoreError> {
         self.timed(Op::Range, |s| s.list(dir))
     }

@@ -89,6 +89,15 @@ pub trait Store {
     ) -> Result<i64, StoreError>;
     /// Deletes each key that is still attached to `lease`, in one transaction.
     fn delete_owned(&mut self, keys: &[String], lease: i64) -> Result<(), StoreError>;
+    /// Puts the pair again only if its key is still attached to `lease`;
+    /// the new `mod_revision` if it did. A write etcd checks against its
+    /// quota and permissions whether or not the key is still ours (which a
+    /// conditional put nested in a transaction, as `put` makes, is not).
+    fn rewrite_owned(
+        &mut self,
+        kv: &(String, String),
+        lease: i64,
+    ) -> Result<Option<i64>, StoreError>;
     /// Every key under `dir`, with its lease and `mod_revision`.
     fn list(&mut self, dir: &str) -> Result<Vec<StoredKv>, StoreError>;
 }
@@ -389,8 +398,7 @@ impl<S: Store> Worker<S> {
 
     /// While etcd refuses writes (or permission) and nothing is queued, the
     /// refusal can only end with a write: put one of our entries again
-    /// where it is absent (which writes nothing if it is there, but passes
-    /// etcd's write checks), on the retry schedule.
+    /// (only if it is still ours), on the retry schedule.
     fn probe_writes(&mut self, now: Instant) {
         let refusing = matches!(
             self.health.state(),
@@ -400,15 +408,20 @@ impl<S: Store> Worker<S> {
             return;
         }
         let Some(lease) = self.lease else { return };
-        let Some((key, value)) = self
+        let Some(kv) = self
             .entries
             .iter()
             .find_map(|(k, d)| Some((k.clone(), d.holders.last()?.1.clone())))
         else {
             return;
         };
-        match self.store.put(&[(key, value)], lease, true) {
-            Ok(_) => self.stored(now),
+        match self.store.rewrite_owned(&kv, lease) {
+            Ok(revision) => {
+                if let (Some(rev), Some(d)) = (revision, self.entries.get_mut(&kv.0)) {
+                    d.stored_revision = Some(rev);
+                }
+                self.stored(now);
+            }
             Err(e) => self.failed(e, now),
         }
     }
@@ -798,6 +811,24 @@ mod tests {
             }
             Ok(rev)
         }
+        fn rewrite_owned(
+            &mut self,
+            (k, v): &(String, String),
+            lease: i64,
+        ) -> Result<Option<i64>, StoreError> {
+            self.check("put", 1)?;
+            let mut e = self.0.borrow_mut();
+            if let Some(err) = &e.refuse_writes {
+                return Err(err.clone());
+            }
+            if e.kv.get(k).is_none_or(|(_, l, _)| *l != lease) {
+                return Ok(None);
+            }
+            e.revision += 1;
+            let rev = e.revision;
+            e.kv.insert(k.clone(), (v.clone(), lease, rev));
+            Ok(Some(rev))
+        }
         fn delete_owned(&mut self, keys: &[String], lease: i64) -> Result<(), StoreError> {
             // An outer operation and a nested one per key, as etcd counts.
             self.check("delete", keys.len() * 2)?;
@@ -1160,6 +1191,13 @@ mod tests {
                 unreachable!()
             }
             fn delete_owned(&mut self, _: &[String], _: i64) -> Result<(), StoreError> {
+                unreachable!()
+            }
+            fn rewrite_owned(
+                &mut self,
+                _: &(String, String),
+                _: i64,
+            ) -> Result<Option<i64>, StoreError> {
                 unreachable!()
             }
             fn list(&mut self, _: &str) -> Result<Vec<StoredKv>, StoreError> {

@@ -1492,10 +1492,11 @@ fn skyapi_stalled_beyond_timeout_keeps_every_client() {
 /// etcd at its space quota (NOSPACE alarm: every put and lease grant
 /// refused with "database space exceeded", keepalives and reads still
 /// answered) with a registration waiting: `/healthz` says 503 with the
-/// reason on every sample, steadily, the registration stays queued (no
-/// `ERROR`), the condition is logged once, and the metrics say so. Once an
-/// operator clears the alarm, the registration is stored, `/healthz` is
-/// 200 again and the recovery is logged once.
+/// reason on every sample, steadily (also once nothing is queued any more),
+/// the registration stays queued (no `ERROR`), the condition is logged
+/// once, and the metrics say so. Once an operator clears the alarm, the
+/// registration waiting then is stored, `/healthz` is 200 again and the
+/// recovery is logged once.
 #[test]
 fn etcd_refusing_writes_is_a_steady_503_until_a_write_succeeds() {
     let _w = watchdog(TEST_LIMIT);
@@ -1521,12 +1522,16 @@ fn etcd_refusing_writes_is_a_steady_503_until_a_write_succeeds() {
         },
     );
     // Two keepalive periods and more: every sample 503 with the reason.
+    // The one other truthful reason: a request that really found etcd
+    // unreachable (an HTTP/2 ping unanswered for 1 s on a loaded machine
+    // resets the connection); it is logged, and counted below.
+    let truthful = |why: &str| why.contains(reason) || why.starts_with("etcd unavailable");
     let mut samples = 0;
     let steady = holds_for(Duration::from_secs(5), || {
         samples += 1;
         let (code, why) = healthz(&sky);
         std::thread::sleep(Duration::from_millis(80));
-        code == 503 && why.contains(reason)
+        code == 503 && truthful(&why)
     });
     if let Err(at) = steady {
         panic!(
@@ -1535,7 +1540,15 @@ fn etcd_refusing_writes_is_a_steady_503_until_a_write_succeeds() {
         );
     }
     let m = |name: &str, labels: &[(&str, &str)]| sky_metric(&sky, name, labels);
-    assert_eq!(m("skyapi_etcd_state", &[("state", "refusing_writes")]), 1.0);
+    within(
+        "skyapi_etcd_state refusing_writes",
+        Instant::now(),
+        BACK_WITHIN,
+        || match m("skyapi_etcd_state", &[("state", "refusing_writes")]) {
+            1.0 => Ok(()),
+            _ => Err(healthz(&sky).1),
+        },
+    );
     assert_eq!(m("skyapi_etcd_state", &[]), 1.0, "one state at a time");
     assert_eq!(m("skyapi_etcd_up", &[]), 0.0);
     let oldest = m("skyapi_oldest_waiting_registration_seconds", &[]);
@@ -1551,12 +1564,35 @@ fn etcd_refusing_writes_is_a_steady_503_until_a_write_succeeds() {
         "the stored entry stays, renewed"
     );
     let said = |needle: &str| sky.lines_with(needle).len();
-    assert_eq!(said(reason), 1, "said once, not per attempt");
+    let started = format!("[WARN] {reason}");
+    // Once, not per attempt; again only after a real transport failure.
+    let unreachable = || said("[WARN] etcd unreachable");
+    assert_eq!(
+        said(&started),
+        1 + unreachable(),
+        "said once, not per attempt"
+    );
     assert_eq!(
         said("etcd answers"),
         1,
         "no flapping: only the first contact"
     );
+
+    // The waiting client gives up and another one comes: with nothing
+    // queued for a while, the state still holds (only a write can end it).
+    let mut ws = fleet.take(c_bar);
+    close(&mut ws, DELETE_WITHIN);
+    if let Err(at) = holds_for(Duration::from_secs(4), || {
+        std::thread::sleep(Duration::from_millis(80));
+        let (code, why) = healthz(&sky);
+        code == 503 && truthful(&why)
+    }) {
+        panic!(
+            "/healthz left 503 with nothing queued after {at:?}: {:?}",
+            healthz(&sky)
+        );
+    }
+    let c_baz = fleet.connect("baz", &sky.url(&query("baz", 7777)));
 
     clear_quota(&etcd);
     let cleared = Instant::now();
@@ -1564,7 +1600,7 @@ fn etcd_refusing_writes_is_a_steady_503_until_a_write_succeeds() {
     let bound = Duration::from_secs(2) + BACK_WITHIN;
     wait_entries(
         &etcd,
-        &on_lease(&[("foo", 9999), ("bar", 8888)], T, lease),
+        &on_lease(&[("foo", 9999), ("baz", 7777)], T, lease),
         cleared,
         bound,
         "the queued registration stored once etcd takes writes",
@@ -1576,7 +1612,7 @@ fn etcd_refusing_writes_is_a_steady_503_until_a_write_succeeds() {
         }
     });
     within("the queued client's welcome", cleared, bound, || {
-        fleet.welcome(c_bar).ok_or_else(|| fleet.describe())
+        fleet.welcome(c_baz).ok_or_else(|| fleet.describe())
     });
     assert_eq!(m("skyapi_etcd_state", &[("state", "ok")]), 1.0);
     assert_eq!(m("skyapi_oldest_waiting_registration_seconds", &[]), 0.0);
@@ -1585,7 +1621,12 @@ fn etcd_refusing_writes_is_a_steady_503_until_a_write_succeeds() {
         1,
         "recovery said once"
     );
-    fleet.assert_connected(&[c_foo, c_bar], "after the alarm was cleared");
+    assert_eq!(
+        said(&started),
+        1 + unreachable(),
+        "the condition said once in all"
+    );
+    fleet.assert_connected(&[c_foo, c_baz], "after the alarm was cleared");
 }
 
 // ----------------------------------------------- 12. stale auth tokens
