@@ -489,7 +489,7 @@ fn hold<T: Transport>(
                 }
                 warn!(
                     "{who}: no answer to a ping for {}s: dropping it",
-                    (timeout - ping_every).as_secs()
+                    liveness.grace().as_secs()
                 );
                 return Removal::PingTimeout;
             }

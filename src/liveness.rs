@@ -55,6 +55,11 @@ impl Liveness {
         }
     }
 
+    /// How long a ping sent may go unanswered before the client is dropped.
+    pub fn grace(&self) -> Duration {
+        self.grace
+    }
+
     /// Anything from the client (a pong, a frame) proves it alive.
     pub fn heard(&mut self) {
         self.unanswered_since = None;
