@@ -20,9 +20,9 @@
 //! - `health` says whether registrations are being stored (`health.rs`);
 //! - a stall of the worker itself (the clock jumped between two turns of its
 //!   loop) is counted once and makes it check its lease at once;
+//! - a key shared by several live connections stays until the last one goes;
 //! - if the worker thread dies (a panic), `spawn`'s `on_death` is called:
 //!   the server logs it and exits non-zero, so a supervisor restarts it.
-//! - a key shared by several live connections stays until the last one goes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
