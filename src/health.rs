@@ -21,8 +21,6 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use log::{info, warn};
-
 use crate::error::StoreError;
 use crate::metrics::Metrics;
 
@@ -170,6 +168,9 @@ pub struct Tracker {
     /// write succeeds: a spell of unreachability in between does not
     /// make it go away.
     refused: Option<StoreError>,
+    /// What was logged, for the unit tests of the log's cadence.
+    #[cfg(test)]
+    said: Vec<String>,
 }
 
 impl Tracker {
@@ -181,6 +182,8 @@ impl Tracker {
             last_summary: Instant::now(),
             failures: 0,
             refused: None,
+            #[cfg(test)]
+            said: Vec::new(),
         }
     }
 
@@ -205,6 +208,7 @@ impl Tracker {
             self.refused = Some(e.clone());
         }
         let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        let mut line = None;
         if h.state != state || h.last_error.is_none() {
             let was = if h.state == EtcdState::Ok || h.last_error.is_none() {
                 String::new()
@@ -215,7 +219,9 @@ impl Tracker {
                     h.state.label()
                 )
             };
-            warn!("{e}{was}; registrations stay queued and are retried ({pending} keys waiting)");
+            line = Some(format!(
+                "{e}{was}; registrations stay queued and are retried ({pending} keys waiting)"
+            ));
             h.state = state;
             h.since = now;
             self.failures = 0;
@@ -224,17 +230,21 @@ impl Tracker {
         } else {
             self.failures += 1;
             if now.saturating_duration_since(self.last_summary) >= SUMMARY_EVERY {
-                warn!(
+                line = Some(format!(
                     "still {e}, for {}s: {} failed attempts since the last report, \
                      {pending} keys waiting",
                     (now - h.since).as_secs(),
                     self.failures
-                );
+                ));
                 self.failures = 0;
                 self.last_summary = now;
             }
         }
         h.last_error = Some(e.to_string());
+        drop(h);
+        if let Some(line) = line {
+            self.say(log::Level::Warn, line);
+        }
     }
 
     /// A write succeeded: registrations are being stored.
@@ -244,16 +254,24 @@ impl Tracker {
         if h.state == EtcdState::Ok {
             return;
         }
-        match &h.last_error {
-            None => info!("etcd answers"),
-            Some(e) => info!(
+        let line = match &h.last_error {
+            None => "etcd answers".to_string(),
+            Some(e) => format!(
                 "etcd stores registrations again, after {}s of: {e}",
                 (now - h.since).as_secs()
             ),
-        }
+        };
         h.state = EtcdState::Ok;
         h.since = now;
+        drop(h);
         self.metrics.set_etcd_state(EtcdState::Ok);
+        self.say(log::Level::Info, line);
+    }
+
+    fn say(&mut self, level: log::Level, line: String) {
+        log::log!(level, "{line}");
+        #[cfg(test)]
+        self.said.push(line);
     }
 
     /// A keepalive, grant or read succeeded. `pending` is the work waiting
@@ -303,6 +321,41 @@ mod tests {
     }
 
     const NOSPACE: &str = "database space exceeded (NOSPACE alarm)";
+
+    #[test]
+    fn a_condition_is_said_once_then_every_interval_then_once_over() {
+        let mut t = tracker();
+        let t0 = Instant::now();
+        t.stored(t0);
+        let nospace = StoreError::RefusingWrites(NOSPACE.into());
+        // Refused every half second for 95 s.
+        for ms in (0..95_000).step_by(500) {
+            t.failed(&nospace, 1, t0 + Duration::from_millis(ms));
+        }
+        t.stored(t0 + Duration::from_secs(95));
+        let said = &t.said;
+        assert_eq!(said.len(), 6, "{said:#?}");
+        assert_eq!(said[0], "etcd answers");
+        assert_eq!(
+            said[1],
+            "etcd refuses writes: database space exceeded (NOSPACE alarm); \
+             registrations stay queued and are retried (1 keys waiting)"
+        );
+        for (line, secs) in said[2..5].iter().zip([30, 60, 90]) {
+            assert_eq!(
+                *line,
+                format!(
+                    "still etcd refuses writes: database space exceeded (NOSPACE alarm), \
+                     for {secs}s: 60 failed attempts since the last report, 1 keys waiting"
+                )
+            );
+        }
+        assert_eq!(
+            said[5],
+            "etcd stores registrations again, after 95s of: \
+             etcd refuses writes: database space exceeded (NOSPACE alarm)"
+        );
+    }
 
     #[test]
     fn a_keepalive_does_not_clear_refused_writes() {
