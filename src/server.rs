@@ -39,11 +39,12 @@ use crate::auth::{self, Tokens};
 use crate::config::{Config, Limits};
 use crate::connection::{self, Live};
 use crate::etcd::EtcdStore;
+use crate::health::SharedHealth;
 use crate::http;
 use crate::metrics::{Metered, Metrics};
 use crate::provide::Layout;
 use crate::transport::Socket;
-use crate::worker::{self, ConnId, SharedHealth, Stop, WorkerHandle};
+use crate::worker::{self, ConnId, Stop, WorkerHandle};
 
 /// Stack of a connection thread. The deepest path (handshake, JSON, logging)
 /// needs well under this; only touched pages cost memory.
@@ -319,11 +320,21 @@ pub fn run(config: Config) -> Result<(), String> {
         inner: store,
         metrics: metrics.clone(),
     };
+    let ttl = config.timeout.as_secs();
     let (worker, health, worker_thread) = worker::spawn(
         store,
         config.timeout,
         config.layout.root_dir(),
         metrics.clone(),
+        // Without its worker nothing is stored or renewed: exit, so a
+        // supervisor restarts skyapi rather than leaving it half alive.
+        Box::new(move |why| {
+            error!(
+                "{why}; exiting so a supervisor restarts skyapi (this instance's \
+                 entries expire with its lease within {ttl}s)"
+            );
+            std::process::exit(1);
+        }),
     )
     .map_err(|e| format!("cannot start the etcd worker: {e}"))?;
 
