@@ -104,12 +104,15 @@ fuzz:
 soak: deps
 	$(CARGO) test --release -- --ignored --test-threads=1
 
-# Measures issue 4's goals (held connections, etcd load, latencies, storm,
-# churn, idle CPU) with examples/loadgen.rs against a throwaway etcd and
-# skyapi on free loopback ports, and writes BENCHMARKS.md (a few minutes).
-# The two builds are separate so the measured skyapi is exactly the one
-# `cargo build --release` makes (dev-dependency features stay out of it).
-bench: deps
+# Measures issues 4 and 10 with examples/loadgen.rs against throwaway etcds
+# and skyapi on free loopback ports, and writes BENCHMARKS.md (about 15-20
+# minutes on 2 cores: the fleet scenarios take most of it; BENCH_ARGS, e.g.
+# `BENCH_ARGS=--only=latency,idle`, runs fewer). The headline binary is the
+# shipped one, the static musl build (`make static`); latency and idle also
+# run on the glibc build beside it. The builds are separate so each measured
+# skyapi is exactly what `make static` / `cargo build --release` makes
+# (dev-dependency features stay out of it).
+bench: deps static
 	$(CARGO) build --release
 	$(CARGO) build --release --example loadgen
-	python3 bench/bench.py $(BENCH_ARGS)
+	python3 bench/bench.py --skyapi $(STATIC_BIN) --skyapi-glibc target/release/skyapi $(BENCH_ARGS)

@@ -114,28 +114,36 @@ def wait_until(what, check, proc, limit):
     raise RuntimeError(f"{what} not ready within {limit} s; see {proc.log_path}")
 
 
-def start_etcd():
-    """etcd on two free ports, data under target/bench; retried if a port
-    was taken between choosing and binding it."""
+def start_etcd(name="etcd", members=1):
+    """etcd (one member, or a cluster of `members`) on free ports, data under
+    target/bench; retried if a port was taken between choosing and binding
+    it. Returns the member processes and their client URLs."""
     for _ in range(3):
-        client, peer = free_port(), free_port()
-        data = os.path.join(WORK, "etcd-data")
-        shutil.rmtree(data, ignore_errors=True)
-        url = f"http://127.0.0.1:{client}"
-        argv = [
-            "etcd", "--name", "bench", "--data-dir", data,
-            "--listen-client-urls", url, "--advertise-client-urls", url,
-            "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-            "--initial-cluster", f"bench=http://127.0.0.1:{peer}",
-        ]  # fmt: skip
-        p = Proc("etcd", argv)
+        ports = [(free_port(), free_port()) for _ in range(members)]
+        names = [f"{name}{i}" if members > 1 else name for i in range(members)]
+        cluster = ",".join(f"{n}=http://127.0.0.1:{peer}" for n, (_, peer) in zip(names, ports))
+        procs, urls = [], []
+        for n, (client, peer) in zip(names, ports):
+            data = os.path.join(WORK, f"{n}-data")
+            shutil.rmtree(data, ignore_errors=True)
+            url = f"http://127.0.0.1:{client}"
+            argv = [
+                "etcd", "--name", n, "--data-dir", data,
+                "--listen-client-urls", url, "--advertise-client-urls", url,
+                "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+                "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+                "--initial-cluster", cluster, "--initial-cluster-state", "new",
+            ]  # fmt: skip
+            procs.append(Proc(n, argv))
+            urls.append(url)
         try:
-            wait_until("etcd", lambda: http_get(url + "/health")[0] == 200, p, 20)
-            return p, url
+            for p, url in zip(procs, urls):
+                wait_until(p.name, lambda: http_get(url + "/health")[0] == 200, p, 30)
+            return procs, urls
         except RuntimeError as e:
             log(f"etcd did not start ({e}); retrying on other ports")
-            p.stop()
+            for p in procs:
+                p.stop()
     raise RuntimeError("etcd would not start")
 
 
@@ -245,7 +253,7 @@ class CpuShare:
         return out
 
 
-def wait_quiet(pids, limit=60.0, threshold=25.0):
+def wait_quiet(pids, limit=30.0, threshold=25.0):
     """Waits (at most `limit` s) until processes other than ours use less
     than `threshold` % of one core over 2 s: other work on a shared machine
     skews latencies. Returns the last reading."""
@@ -343,21 +351,90 @@ def machine():
     }
 
 
+def describe_binary(path):
+    """Size and kind of a measured binary (`file`'s verdict: static or not)."""
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        size = None
+    kind = sh(["file", "-b", path])
+    return {
+        "path": os.path.relpath(path, ROOT),
+        "size_mib": round(size / 1048576, 1) if size else None,
+        "static": "static" in kind,
+        "file": kind.split(", BuildID")[0],
+    }
+
+
+def run_fleet(name, args, commands):
+    """The fleet scenario on a fresh etcd of its own (one member for
+    `fleet`, three for `fleet_cluster`), so the foreign entries never reach
+    the other scenarios' etcd. The load generator starts the instances."""
+    members = 3 if name == "fleet_cluster" else 1
+    etcds = []
+    try:
+        etcds, urls = start_etcd(name, members)
+        log(f"{name}: etcd {','.join(urls)} (pids {' '.join(str(p.pid) for p in etcds)})")
+        spawn = [
+            args.skyapi, "--etcd-api", ",".join(urls), "--timeout", str(args.timeout),
+            "--max-connections", str(2 * args.fleet_providers + 100), "--log-level", "warn",
+        ]  # fmt: skip
+        argv = ["fleet", "--etcd", urls[0], "--etcd-members", ",".join(urls),
+                "--etcd-pids", ",".join(str(p.pid) for p in etcds),
+                "--spawn", " ".join(spawn), "--instances", args.fleet_instances,
+                "--providers", str(args.fleet_providers), "--foreign", str(args.fleet_foreign),
+                "--churn-rate", str(args.fleet_churn_rate), "--window", str(args.fleet_window)]
+        ks = [int(k) for k in args.fleet_instances.split(",") if k]
+        # Two windows per K (and K = 0), ramps, the foreign write.
+        limit = (len(ks) + 1) * 2 * (args.fleet_window + 10) + 60 * len(ks) + 300
+        pids = {f"etcd{i}": p.pid for i, p in enumerate(etcds)}
+        quiet = wait_quiet(pids, args.quiet_limit)
+        share = CpuShare(pids)
+        cmd, res = run_loadgen(args.loadgen, argv, limit)
+        res["cpu_share"] = share.stop()
+        c = res["cpu_share"]
+        c["etcd"] = round(sum(c.pop(k) for k in list(c) if k.startswith("etcd")), 1)
+        res["quiet_before"] = quiet
+        res["binary"] = "musl"
+        commands[name] = shlex.join(["target/release/examples/loadgen"] + cmd[1:]).replace(ROOT + "/", "")
+        for i, p in enumerate(etcds):
+            commands[f"{name} etcd {i}"] = shlex.join(p.argv)
+        return res
+    except RuntimeError as e:
+        return {"error": str(e)}
+    finally:
+        for p in etcds:
+            p.stop()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--skyapi", default=os.path.join(ROOT, "target/release/skyapi"))
+    ap.add_argument("--skyapi", default=os.path.join(ROOT, "target/x86_64-unknown-linux-musl/release/skyapi"),
+                    help="the binary measured in every scenario: the shipped static musl build (make static)")
+    ap.add_argument("--skyapi-glibc", default=os.path.join(ROOT, "target/release/skyapi"),
+                    help="the glibc build, measured beside it in the --both scenarios ('' to skip)")
+    ap.add_argument("--both", default="latency,idle",
+                    help="scenarios also run with --skyapi-glibc")
     ap.add_argument("--loadgen", default=os.path.join(ROOT, "target/release/examples/loadgen"))
     ap.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
     ap.add_argument("--json", default=os.path.join(ROOT, "bench/results.json"))
     ap.add_argument("--svg", default=os.path.join(ROOT, "bench/results.svg"))
     ap.add_argument("--notes", default=os.path.join(ROOT, "bench/NOTES.md"))
-    ap.add_argument("--only", default="latency,idle,storm,churn,restart,restart_kill")
+    ap.add_argument("--only", default="latency,idle,storm,churn,restart,restart_kill,fleet,fleet_cluster")
     ap.add_argument("--connections", type=int, default=10000)
     ap.add_argument("--timeout", type=int, default=30, help="skyapi --timeout (and the window)")
     ap.add_argument("--window", type=int, default=30)
     ap.add_argument("--latency-count", type=int, default=1000)
     ap.add_argument("--churn-rate", type=int, default=1000)
     ap.add_argument("--churn-seconds", type=int, default=60)
+    ap.add_argument("--fleet-instances", default="1,2,4,8")
+    ap.add_argument("--fleet-providers", type=int, default=1000, help="idle providers per instance")
+    ap.add_argument("--fleet-foreign", type=int, default=100000)
+    ap.add_argument("--fleet-churn-rate", type=int, default=100)
+    ap.add_argument("--fleet-window", type=int, default=20,
+                    help="seconds; a multiple of timeout/3, so each window holds whole reconcile periods")
+    ap.add_argument("--quiet-limit", type=float, default=30.0,
+                    help="how long each scenario waits at most for other processes to quieten")
     ap.add_argument("--render-only", action="store_true",
                     help="rewrite the report from --json (e.g. after editing bench/NOTES.md); run nothing")
     args = ap.parse_args()
@@ -369,28 +446,43 @@ def main():
     # SIGTERM (e.g. from a CI timeout) unwinds like Ctrl-C, through `finally`.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     os.makedirs(WORK, exist_ok=True)
-    for b in (args.skyapi, args.loadgen):
+    for b in (args.skyapi, args.loadgen) + ((args.skyapi_glibc,) if args.skyapi_glibc else ()):
         if not os.access(b, os.X_OK):
-            sys.exit(f"bench: {b} is missing: build with `cargo build --release` and "
+            sys.exit(f"bench: {b} is missing: build with `make static`, `cargo build --release` and "
                      "`cargo build --release --example loadgen` (make bench does)")
 
     n = args.connections
-    results = {"machine": machine(), "params": vars(args), "scenarios": {}, "commands": {}}
+    binaries = {"musl": args.skyapi}
+    if args.skyapi_glibc:
+        binaries["glibc"] = args.skyapi_glibc
+    results = {"machine": machine(), "params": vars(args), "scenarios": {}, "glibc": {},
+               "commands": {}, "binaries": {k: describe_binary(v) for k, v in binaries.items()}}
     scenarios = [s for s in args.only.split(",") if s]
+    both = set(x for x in args.both.split(",") if x)
+    # The glibc runs go right after their musl twin, so both see the same machine.
+    runs = [r for name in scenarios for r in [(name, "musl")] + ([(name, "glibc")] if name in both and "glibc" in binaries else [])]
     procs = []
     started = time.monotonic()
     try:
-        etcd, etcd_url = start_etcd()
+        etcds, urls = start_etcd()
+        etcd, etcd_url = etcds[0], urls[0]
         procs.append(etcd)
         results["commands"]["etcd"] = shlex.join(etcd.argv)
         log(f"etcd {etcd_url} (pid {etcd.pid})")
-        for name in scenarios:
-            sky, addr = start_skyapi(args.skyapi, etcd_url, args.timeout, 2 * n)
+        for name, build in runs:
+            if name in ("fleet", "fleet_cluster"):
+                res = run_fleet(name, args, results["commands"])
+                results["scenarios"][name] = res
+                if "error" in res:
+                    log(f"{name}: {res['error']}")
+                continue
+            binary = binaries[build]
+            sky, addr = start_skyapi(binary, etcd_url, args.timeout, 2 * n)
             procs.append(sky)
-            results["commands"]["skyapi"] = shlex.join(sky.argv)
+            results["commands"]["skyapi" if build == "musl" else "skyapi (glibc)"] = shlex.join(sky.argv)
             time.sleep(1)
             fresh = proc_sample(sky.pid)
-            log(f"{name}: skyapi {addr} (pid {sky.pid}) fresh: {fresh}")
+            log(f"{name} ({build}): skyapi {addr} (pid {sky.pid}) fresh: {fresh}")
             common = ["--skyapi", addr, "--etcd", etcd_url]
             if name == "latency":
                 argv = ["latency"] + common + ["--count", str(args.latency_count)]
@@ -422,12 +514,13 @@ def main():
             else:
                 sys.exit(f"bench: unknown scenario {name}")
             pids = {"skyapi": sky.pid, "etcd": etcd.pid}
-            quiet = wait_quiet(pids)
+            quiet = wait_quiet(pids, args.quiet_limit)
             share = CpuShare(pids)
             cmd, res = run_loadgen(args.loadgen, argv, limit)
             res["cpu_share"] = share.stop()
             res["quiet_before"] = quiet
             res["skyapi_fresh"] = fresh
+            res["binary"] = build
             # After a restart scenario this is the restarted instance, on
             # the same address: its counters are the takeover's.
             res["skyapi_metrics"] = skyapi_metrics(addr)
@@ -437,12 +530,13 @@ def main():
             res["skyapi_sigterm"] = {"exit": code, "seconds": round(took, 2)}
             if res.get("restarted_pid"):
                 stop_pid(res["restarted_pid"])
-            results["scenarios"][name] = res
-            results["commands"][name] = shlex.join(
-                ["target/release/examples/loadgen"] + cmd[1:]
-            )
+            if build == "musl":
+                results["scenarios"][name] = res
+                results["commands"][name] = shlex.join(["target/release/examples/loadgen"] + cmd[1:])
+            else:
+                results["glibc"][name] = res
             if "error" in res:
-                log(f"{name}: {res['error']}")
+                log(f"{name} ({build}): {res['error']}")
     finally:
         for p in reversed(procs):
             p.stop()
@@ -454,6 +548,7 @@ def main():
         f.write("\n")
     write_reports(results, args)
     failed = [k for k, v in results["scenarios"].items() if "error" in v]
+    failed += [k + " (glibc)" for k, v in results["glibc"].items() if "error" in v]
     if failed:
         log("scenarios that failed: " + ", ".join(failed))
         sys.exit(1)
@@ -627,6 +722,13 @@ def render_md(r, notes, svg_rel):
       f"{m['date']}, commit {m['commit']}; the whole run took {r.get('total_s')} s. "
       "Raw figures: [bench/results.json](bench/results.json). "
       "Hand-written analysis: the last section.\n")
+    bins = r.get("binaries", {})
+    if bins:
+        mb = bins.get("musl", {})
+        w(f"**Which binary.** Every figure below is from the shipped binary, the static musl build "
+          f"(`make static`: `{mb.get('path')}`, {fmt(mb.get('size_mib'), ' MiB', 1)}, {mb.get('file')}), "
+          "except the glibc columns of \"musl and glibc builds\", which are from `cargo build --release` "
+          f"(`{g(bins, 'glibc', 'path')}`).\n")
     w("## Machine\n")
     w("| | |\n|---|---|")
     w(f"| CPU | {m['nproc']} × {m['cpu']} |")
@@ -648,7 +750,7 @@ def render_md(r, notes, svg_rel):
       f"than 25 % of a core. Load average at the end: {' '.join(m.get('loadavg_at_end', []))}.\n")
     w("| scenario | seconds | whole machine | skyapi | etcd | loadgen | interrupts (loopback TCP) | others |\n"
       "|---|---|---|---|---|---|---|---|")
-    for k, v in s.items():
+    for k, v in list(s.items()) + [(k + " (glibc)", v) for k, v in r.get("glibc", {}).items()]:
         c = v.get("cpu_share", {})
         w(f"| {k} | {fmt(c.get('seconds'))} | {fmt(c.get('machine'))} | {fmt(c.get('skyapi'))} | "
           f"{fmt(c.get('etcd'))} | {fmt(c.get('loadgen'))} | {fmt(c.get('interrupts'))} | {fmt(c.get('others'))} |")
@@ -661,8 +763,11 @@ def render_md(r, notes, svg_rel):
     if svg_rel:
         w(f"![RSS against connections; latency percentiles]({svg_rel})\n")
 
+    render_builds(r, w)
+    render_fleet(r, w)
+
     # Details.
-    w("## Held connections\n")
+    w("## Held connections (musl)\n")
     steps = g(idle, "steps", default=[])
     if steps:
         w("| connections | keys in etcd | skyapi RSS KiB | threads | fds | ramp s |\n|---|---|---|---|---|---|")
@@ -822,11 +927,13 @@ def render_md(r, notes, svg_rel):
     elif churn:
         w(f"Failed: {churn.get('error')}\n")
     w("## Commands\n")
-    w("`make bench` runs `cargo build --release`, `cargo build --release --example loadgen`, then "
+    w("`make bench` runs `make static`, `cargo build --release`, `cargo build --release --example loadgen`, then "
       "`python3 bench/bench.py`, which ran (ports are chosen free per run; each scenario gets a fresh "
       "skyapi started as shown):\n")
     w("```sh")
-    order = ["etcd", "skyapi", "latency", "idle", "storm", "churn", "restart", "restart_kill"]
+    order = ["etcd", "skyapi", "skyapi (glibc)", "latency", "idle", "storm", "churn", "restart",
+             "restart_kill", "fleet", "fleet etcd 0", "fleet_cluster", "fleet_cluster etcd 0",
+             "fleet_cluster etcd 1", "fleet_cluster etcd 2"]
     for k in sorted(r["commands"], key=lambda k: order.index(k) if k in order else len(order)):
         w(f"# {k}\n{r['commands'][k].replace(ROOT + '/', '')}")
     w("```\n")
@@ -835,6 +942,138 @@ def render_md(r, notes, svg_rel):
     if notes:
         w(notes.rstrip() + "\n")
     return "\n".join(out)
+
+
+def rss_per_conn_at(idle, c):
+    """(RSS at c − RSS at 0) / c from the idle scenario's steps, KiB."""
+    steps = {x.get("connections"): g(x, "skyapi", "rss_kib") for x in g(idle, "steps", default=[])}
+    if steps.get(c) is None or steps.get(0) is None or not c:
+        return None
+    return (steps[c] - steps[0]) / c
+
+
+def render_builds(r, w):
+    """musl (shipped) beside glibc: the scenarios run on both."""
+    gl = r.get("glibc", {})
+    if not gl:
+        return
+    s = r["scenarios"]
+    n = r["params"]["connections"]
+    half = n // 2
+    bins = r.get("binaries", {})
+    cols = [("musl (shipped, static)", s), ("glibc (`cargo build --release`)", gl)]
+    w("## musl and glibc builds\n")
+    w("The same scenarios, run back to back with each binary against the same etcd. "
+      "The allocator differs: musl's mallocng returns freed memory to the kernel, glibc's malloc "
+      "keeps it in per-thread arenas.\n")
+    w("| | " + " | ".join(c for c, _ in cols) + " |")
+    w("|---|" + "---|" * len(cols))
+
+    def row(label, f):
+        w(f"| {label} | " + " | ".join(f(x) for _, x in cols) + " |")
+
+    w(f"| binary size | {fmt(g(bins, 'musl', 'size_mib'), ' MiB', 1)} | {fmt(g(bins, 'glibc', 'size_mib'), ' MiB', 1)} |")
+    row("fresh RSS (before any connection)", lambda x: fmt(g(x, "idle", "skyapi_fresh", "rss_kib"), " KiB"))
+    row(f"RSS per connection at {half:,} held", lambda x: fmt(rss_per_conn_at(x.get("idle", {}), half), " KiB", 1))
+    row(f"RSS per connection at {n:,} held", lambda x: fmt(g(x, "idle", "rss_per_connection_kib"), " KiB", 1))
+    row(f"RSS after all {n:,} closed", lambda x: fmt(g(x, "idle", "after_close", "rss_kib"), " KiB"))
+    row(f"idle CPU at {n:,} (% of a core)", lambda x: fmt(next(
+        (v.get("skyapi_cpu_percent") for v in g(x, "idle", "windows", default=[]) if v.get("connections") == n), None)))
+    row("registration p50 / p99 (upgrade request → welcome)", lambda x: (
+        f"{fmt(g(x, 'latency', 'sky_registered', 'p50_ms'), ' ms', 3)} / "
+        f"{fmt(g(x, 'latency', 'sky_registered', 'p99_ms'), ' ms', 3)}"))
+    row("… vs bare etcd put p50 (same run)", lambda x: fmt(g(x, "latency", "ratio_p50_registered_vs_put"), "×"))
+    row("removal p50 / p99 (close frame → delete event)", lambda x: (
+        f"{fmt(g(x, 'latency', 'sky_removed_watch', 'p50_ms'), ' ms', 3)} / "
+        f"{fmt(g(x, 'latency', 'sky_removed_watch', 'p99_ms'), ' ms', 3)}"))
+    w("")
+
+
+def fleet_rows(f):
+    """Per K and mode: totals, and per instance = (K − baseline K=0) / K.
+    Requests exclude the load generator's own (foreign keepalive, churn)."""
+    ws = g(f, "windows", default=[])
+    base = {w["churn"]: w for w in ws if w.get("instances") == 0}
+    out = []
+    for w in ws:
+        k, churn = w.get("instances"), w.get("churn")
+        req = w["etcd_received_per_s"] - w.get("loadgen_requests_per_s", 0)
+        row = {"k": k, "churn": churn, "sent": w["etcd_sent_bytes_per_s"], "req": req,
+               "handled": w["etcd_handled_per_s"], "cpu": w["etcd_cpu_percent"],
+               "sky_cpu": sum(w.get("skyapi_cpu_percent", [])), "w": w}
+        b = base.get(churn)
+        if k and b:
+            breq = b["etcd_received_per_s"] - b.get("loadgen_requests_per_s", 0)
+            row["per_sent"] = (row["sent"] - b["etcd_sent_bytes_per_s"]) / k
+            row["per_req"] = (req - breq) / k
+            row["per_cpu"] = (row["cpu"] - b["etcd_cpu_percent"]) / k
+        out.append(row)
+    return out
+
+
+def render_fleet(r, w):
+    s = r["scenarios"]
+    runs = [(k, s[k]) for k in ("fleet", "fleet_cluster") if k in s]
+    if not runs:
+        return
+    p = r["params"]
+    w("## Fleet: K instances on one etcd (issue 10)\n")
+    w(f"K skyapi instances (musl, `--timeout {p['timeout']}`, all given every member's URL) each hold "
+      f"{p['fleet_providers']:,} idle providers of their own; {p['fleet_foreign']:,} entries of another "
+      "instance sit under the same root directory on a lease the load generator keeps alive (as that "
+      f"instance would). Each window is {p['fleet_window']} s (whole reconcile periods of "
+      f"{p['timeout'] // 3} s); *churn* windows add {p['fleet_churn_rate']} foreign registrations/s "
+      "elsewhere in the fleet (a put on the foreign lease, deleted a second later). etcd's counters "
+      "are summed over its members' `/metrics`, its CPU over their `/proc/PID/stat`.\n")
+    w("**Method for the per-instance split:** etcd does not attribute its counters to a connection, "
+      "so every K is compared with a K = 0 window of the same kind (the foreign entries, their keepalive "
+      "and, in churn windows, the churn, with no instance): per instance = (total at K − total at 0) / K. "
+      "Requests are etcd's `grpc_server_msg_received_total` (every request message, keepalives on the "
+      "stream included) minus the load generator's own requests, which it counts.\n")
+    goal = []
+    for name, f in runs:
+        label = "one etcd" if name == "fleet" else "3-member etcd cluster"
+        w(f"### {label}\n")
+        if "error" in f:
+            w(f"Failed: {f['error']}\n")
+            continue
+        w(f"{f['foreign']:,} foreign entries written in {fmt(f.get('foreign_write_s'), ' s', 1)}; "
+          f"{fmt(f.get('keys_under_root_at_end'))} keys under the root at the end; "
+          f"the scenario took {fmt(f.get('seconds'), ' s', 0)}.\n")
+        w("| K | window | etcd bytes sent/s | per instance | requests/s (not ours) | per instance | "
+          "etcd CPU % | per instance | skyapi CPU % (all K) | requests/s by method (all, ours included) |"
+          "\n|---|---|---|---|---|---|---|---|---|---|")
+        rows = fleet_rows(f)
+        for x in rows:
+            w(f"| {x['k']} | {'churn' if x['churn'] else 'idle'} | {fmt(x['sent'], '', 0)} | "
+              f"{fmt(x.get('per_sent'), '', 0)} | {fmt(x['req'], '', 2)} | {fmt(x.get('per_req'), '', 2)} | "
+              f"{fmt(x['cpu'], '', 2)} | {fmt(x.get('per_cpu'), '', 2)} | {fmt(x['sky_cpu'], '', 2)} | "
+              + ", ".join(f"{k.split('/')[1]} {v:g}" for k, v in x["w"].get("etcd_rates_per_s", {}).items()
+                          if k.startswith("received/") and k != "received/*") + " |")
+        w("")
+        per = [x for x in rows if x["k"] and "per_sent" in x]
+        if per:
+            goal.append((label, per))
+    if goal:
+        w("### Goal (issue 10)\n")
+        w("Steady state (idle windows): per instance ≤ 1,024 bytes/s sent by etcd and ≤ 0.5 requests/s, "
+          "whatever K; churn windows are reported beside it (what the others' churn costs each instance).\n")
+        w("| etcd | idle: worst per-instance bytes/s | idle: worst per-instance requests/s | "
+          "idle bytes/s per instance, K = 1 → max | churn: worst per-instance bytes/s / requests/s | goal |"
+          "\n|---|---|---|---|---|---|")
+        for label, per in goal:
+            idle = [x for x in per if not x["churn"]]
+            ch = [x for x in per if x["churn"]]
+            if not idle:
+                continue
+            b = max(x["per_sent"] for x in idle)
+            rq = max(x["per_req"] for x in idle)
+            trend = f"{fmt(idle[0]['per_sent'], '', 0)} → {fmt(idle[-1]['per_sent'], '', 0)}"
+            churn = (f"{fmt(max(x['per_sent'] for x in ch), '', 0)} / {fmt(max(x['per_req'] for x in ch), '', 2)}"
+                     if ch else "n/a")
+            w(f"| {label} | {fmt(b, '', 0)} | {fmt(rq, '', 2)} | {trend} | {churn} | "
+              f"{verdict(b <= 1024 and rq <= 0.5)} |")
+        w("")
 
 
 def render_svg(r):

@@ -21,7 +21,11 @@
 //!   then what skyapi kept (threads, fds, RSS, etcd keys);
 //! - `restart`: `--count` reconnecting providers, skyapi stopped with
 //!   `--signal` and started again with `--restart`: keys present at every
-//!   moment, time to the new lease, etcd transactions.
+//!   moment, time to the new lease, etcd transactions;
+//! - `fleet`: K skyapi instances (started here, `--spawn`) with their own
+//!   providers and `--foreign` entries of another instance under the same
+//!   root: etcd's counters and CPU over windows at each K, idle and during
+//!   a foreign churn (issue 10).
 
 // A crate root looks for modules beside itself, not in examples/loadgen/.
 #[path = "loadgen/churn.rs"]
@@ -34,6 +38,8 @@ mod etcd;
 mod fleet;
 #[path = "loadgen/idle.rs"]
 mod idle;
+#[path = "loadgen/instances.rs"]
+mod instances;
 #[path = "loadgen/latency.rs"]
 mod latency;
 #[path = "loadgen/procfs.rs"]
@@ -65,6 +71,10 @@ scenarios and their options (defaults in brackets):
            --max-in-flight N [2000] --service S [churn]
   restart  --pid PID --count N [10000] --signal term|kill [term]
            --restart 'SKYAPI ARGS...' (split on spaces) --service S [restart]
+  fleet    --spawn 'SKYAPI ARGS...' (no --listen-addr; no --skyapi either)
+           --etcd-members URL,.. [--etcd] --etcd-pids PID,..
+           --instances K,.. [1,2,4,8] --providers N [1000] --foreign N [100000]
+           --churn-rate N [100] --window SECS [20]
 common:
   --skyapi ADDR      skyapi's listen address (IP:PORT, loopback)
   --etcd URL         etcd client URL, http://127.0.0.1:PORT
@@ -77,6 +87,7 @@ enum Scenario {
     Storm(storm::Opts),
     Churn(churn::Opts),
     Restart(restart::Opts),
+    Fleet(instances::Opts),
 }
 
 struct Args {
@@ -92,6 +103,22 @@ fn list<T: FromStr>(s: &str) -> Result<Vec<T>, String> {
         .collect()
 }
 
+/// This tool sends load: etcd only on loopback.
+fn check_loopback(url: &str) -> Result<(), String> {
+    let host = url
+        .trim_start_matches("http://")
+        .rsplit_once(':')
+        .map(|(h, _)| h.to_string())
+        .unwrap_or_default();
+    if host == "127.0.0.1" || host == "localhost" || host == "[::1]" {
+        Ok(())
+    } else {
+        Err(format!(
+            "{url}: etcd must be http://127.0.0.1:PORT: this tool sends load"
+        ))
+    }
+}
+
 fn parse() -> Result<Args, String> {
     let mut a = pico_args::Arguments::from_env();
     if a.contains(["-h", "--help"]) {
@@ -102,19 +129,17 @@ fn parse() -> Result<Args, String> {
         .map_err(|e| e.to_string())?
         .unwrap_or_default();
     let e = |e: pico_args::Error| e.to_string();
-    let addr: SocketAddr = a.value_from_str("--skyapi").map_err(e)?;
+    // The fleet scenario starts its own instances.
+    let addr: SocketAddr = match a.opt_value_from_str("--skyapi").map_err(e)? {
+        Some(addr) => addr,
+        None if name == "fleet" => SocketAddr::from(([127, 0, 0, 1], 0)),
+        None => return Err("--skyapi ADDR is required".into()),
+    };
     if !addr.ip().is_loopback() {
         return Err("--skyapi must be a loopback address: this tool sends load".into());
     }
     let etcd: String = a.value_from_str("--etcd").map_err(e)?;
-    let etcd_host = etcd
-        .trim_start_matches("http://")
-        .rsplit_once(':')
-        .map(|(h, _)| h.to_string())
-        .unwrap_or_default();
-    if !(etcd_host == "127.0.0.1" || etcd_host == "localhost" || etcd_host == "[::1]") {
-        return Err("--etcd must be http://127.0.0.1:PORT: this tool sends load".into());
-    }
+    check_loopback(&etcd)?;
     let key_dir: String = a
         .opt_value_from_str("--key-dir")
         .map_err(e)?
@@ -190,6 +215,48 @@ fn parse() -> Result<Args, String> {
             service: service(&mut a, "restart")?,
             key_dir,
         }),
+        "fleet" => Scenario::Fleet(instances::Opts {
+            spawn: a
+                .value_from_str::<_, String>("--spawn")
+                .map_err(e)?
+                .split_whitespace()
+                .map(str::to_string)
+                .collect(),
+            members: match a
+                .opt_value_from_str::<_, String>("--etcd-members")
+                .map_err(e)?
+            {
+                Some(s) => {
+                    let m: Vec<String> = list(&s)?;
+                    m.iter().try_for_each(|u| check_loopback(u))?;
+                    m
+                }
+                None => vec![etcd.clone()],
+            },
+            etcd_pids: match a
+                .opt_value_from_str::<_, String>("--etcd-pids")
+                .map_err(e)?
+            {
+                Some(s) => list(&s)?,
+                None => Vec::new(),
+            },
+            instances: match a
+                .opt_value_from_str::<_, String>("--instances")
+                .map_err(e)?
+            {
+                Some(s) => {
+                    let mut k: Vec<usize> = list(&s)?;
+                    k.sort_unstable();
+                    k.into_iter().map(|k| k.min(64)).collect()
+                }
+                None => vec![1, 2, 4, 8],
+            },
+            providers: num(&mut a, "--providers", 1000)?.min(10_000) as usize,
+            foreign: num(&mut a, "--foreign", 100_000)?.min(1_000_000) as usize,
+            churn_rate: num(&mut a, "--churn-rate", 100)?.clamp(1, 10_000) as u32,
+            window: Duration::from_secs(num(&mut a, "--window", 20)?.clamp(1, 600)),
+            key_dir,
+        }),
         "" => return Err("no scenario given".into()),
         other => return Err(format!("unknown scenario {other:?}")),
     };
@@ -236,6 +303,7 @@ fn main() -> ExitCode {
             Scenario::Storm(o) => storm::run(&args.target, &args.etcd, o).await,
             Scenario::Churn(o) => churn::run(&args.target, &args.etcd, o).await,
             Scenario::Restart(o) => restart::run(&args.target, &args.etcd, o).await,
+            Scenario::Fleet(o) => instances::run(&args.etcd, o).await,
         }
     });
     // Tasks still parked (none in a clean run) must not hold the exit.
