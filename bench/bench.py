@@ -1023,7 +1023,8 @@ def render_fleet(r, w):
       "instance sit under the same root directory on a lease the load generator keeps alive (as that "
       f"instance would). Each window is {p['fleet_window']} s (whole reconcile periods of "
       f"{p['timeout'] // 3} s); *churn* windows add {p['fleet_churn_rate']} foreign registrations/s "
-      "elsewhere in the fleet (a put on the foreign lease, deleted a second later). etcd's counters "
+      "elsewhere in the fleet (a put on a second foreign lease, deleted a second later; see the analysis "
+      "for why not the lease of the 100,000). etcd's counters "
       "are summed over its members' `/metrics`, its CPU over their `/proc/PID/stat`.\n")
     w("**Method for the per-instance split:** etcd does not attribute its counters to a connection, "
       "so every K is compared with a K = 0 window of the same kind (the foreign entries, their keepalive "
@@ -1045,7 +1046,8 @@ def render_fleet(r, w):
           "\n|---|---|---|---|---|---|---|---|---|---|")
         rows = fleet_rows(f)
         for x in rows:
-            w(f"| {x['k']} | {'churn' if x['churn'] else 'idle'} | {fmt(x['sent'], '', 0)} | "
+            mode = f"churn ({fmt(x['w'].get('loadgen_puts_per_s'), '/s', 0)})" if x["churn"] else "idle"
+            w(f"| {x['k']} | {mode} | {fmt(x['sent'], '', 0)} | "
               f"{fmt(x.get('per_sent'), '', 0)} | {fmt(x['req'], '', 2)} | {fmt(x.get('per_req'), '', 2)} | "
               f"{fmt(x['cpu'], '', 2)} | {fmt(x.get('per_cpu'), '', 2)} | {fmt(x['sky_cpu'], '', 2)} | "
               + ", ".join(f"{k.split('/')[1]} {v:g}" for k, v in x["w"].get("etcd_rates_per_s", {}).items()

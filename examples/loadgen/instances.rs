@@ -10,9 +10,9 @@
 //! baseline: etcd with the foreign entries, their keepalive and nothing
 //! else) it measures two windows of `--window` seconds:
 //! - idle: nothing registers anywhere;
-//! - churn: `--churn-rate` foreign registrations per second (a put on the
-//!   foreign lease, deleted one second later), as other instances' churn
-//!   would be.
+//! - churn: `--churn-rate` foreign registrations per second (a put on a
+//!   second foreign lease, deleted one second later), as another
+//!   instance's churn would be.
 //!
 //! Each window records etcd's own counters summed over every member
 //! (`--etcd-members`), the CPU of every etcd process (`--etcd-pids`) and of
@@ -70,6 +70,8 @@ const BATCH: usize = 100;
 const CALL: Duration = Duration::from_secs(10);
 const START_LIMIT: Duration = Duration::from_secs(20);
 const RAMP_LIMIT: Duration = Duration::from_secs(120);
+/// Foreign registrations in flight at most (put, a second, delete).
+const MAX_CHURN_IN_FLIGHT: usize = 1000;
 /// Pause after a ramp or a churn start before a window opens.
 const SETTLE: Duration = Duration::from_secs(2);
 
@@ -111,13 +113,21 @@ pub async fn run(etcd_endpoint: &str, opts: &Opts) -> Result<serde_json::Value, 
     let own = Arc::new(Own::default());
     let started = Instant::now();
 
-    let lease = timeout(CALL, client.clone().lease_grant(FOREIGN_TTL, None))
-        .await
-        .map_err(|_| "lease grant timed out".to_string())?
-        .map_err(|e| format!("lease grant: {e}"))?
-        .id();
-    let keeper = tokio::spawn(keep_alive(client.clone(), lease, own.clone()));
-    let _keeper = Abort(keeper);
+    // Two other instances: one holds the foreign entries, the other
+    // churns. Not one lease for both: etcd 3.4 pays for a put or delete in
+    // proportion to how many keys its lease holds (measured: 200 writes/s
+    // on a lease of 100,000 keys cost 1.4 cores, on a small one 0.1), so
+    // one lease would measure etcd's lease bookkeeping, not the instances.
+    let lease = grant(&client).await?;
+    let churn_lease = grant(&client).await?;
+    let _keepers = [
+        Abort(tokio::spawn(keep_alive(client.clone(), lease, own.clone()))),
+        Abort(tokio::spawn(keep_alive(
+            client.clone(),
+            churn_lease,
+            own.clone(),
+        ))),
+    ];
     let foreign_dir = format!("{}/fleetforeign/", opts.key_dir);
     let t = Instant::now();
     write_foreign(&client, &foreign_dir, opts.foreign, lease).await?;
@@ -143,7 +153,7 @@ pub async fn run(etcd_endpoint: &str, opts: &Opts) -> Result<serde_json::Value, 
                 Abort(tokio::spawn(churn_foreign(
                     client.clone(),
                     format!("{foreign_dir}churn/"),
-                    lease,
+                    churn_lease,
                     opts.churn_rate,
                     own.clone(),
                 )))
@@ -191,6 +201,14 @@ pub async fn run(etcd_endpoint: &str, opts: &Opts) -> Result<serde_json::Value, 
         "windows": windows,
         "seconds": round3(started.elapsed().as_secs_f64()),
     }))
+}
+
+async fn grant(client: &Client) -> Result<i64, String> {
+    Ok(timeout(CALL, client.clone().lease_grant(FOREIGN_TTL, None))
+        .await
+        .map_err(|_| "lease grant timed out".to_string())?
+        .map_err(|e| format!("lease grant: {e}"))?
+        .id())
 }
 
 /// Aborts a background task when dropped.
@@ -265,32 +283,39 @@ async fn write_foreign(client: &Client, dir: &str, n: usize, lease: i64) -> Resu
 }
 
 /// `rate` puts per second of new keys on `lease`, each deleted a second
-/// later: registrations and removals of other instances. Runs until
-/// aborted; a failed request is counted as made (etcd saw it or not).
+/// later: registrations and removals of other instances. Each registration
+/// is its own task (an etcd write waits for a disk sync, so one at a time
+/// would fall behind the rate); at most `MAX_CHURN_IN_FLIGHT` run at once,
+/// a tick that finds none free is skipped (the achieved rate is in each
+/// window's `loadgen_puts_per_s`). Runs until aborted; the tasks end with it.
 async fn churn_foreign(client: Client, dir: String, lease: i64, rate: u32, own: Arc<Own>) {
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1) as f64));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let live = rate.max(1) as u64;
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let gate = Arc::new(tokio::sync::Semaphore::new(MAX_CHURN_IN_FLIGHT));
+    let mut tasks = tokio::task::JoinSet::new();
     let mut i: u64 = 0;
     loop {
         tick.tick().await;
+        while tasks.try_join_next().is_some() {}
+        let Ok(permit) = gate.clone().try_acquire_owned() else {
+            continue;
+        };
         let mut c = client.clone();
         let key = format!("{dir}{i:016x}");
-        // Counted as sent, before etcd can count it: see `window`.
-        own.puts.fetch_add(1, Ordering::Relaxed);
-        let _ = timeout(
-            CALL,
-            c.put(
-                key,
-                value(i as usize),
-                Some(PutOptions::new().with_lease(lease)),
-            ),
-        )
-        .await;
-        if i >= live {
+        let v = value(i as usize);
+        let own = own.clone();
+        tasks.spawn(async move {
+            let _permit = permit;
+            // Counted as sent, before etcd can count it: see `window`.
+            own.puts.fetch_add(1, Ordering::Relaxed);
+            let put = c.put(key.clone(), v, Some(PutOptions::new().with_lease(lease)));
+            if !matches!(timeout(CALL, put).await, Ok(Ok(_))) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
             own.deletes.fetch_add(1, Ordering::Relaxed);
-            let _ = timeout(CALL, c.delete(format!("{dir}{:016x}", i - live), None)).await;
-        }
+            let _ = timeout(CALL, c.delete(key, None)).await;
+        });
         i += 1;
     }
 }
@@ -422,10 +447,12 @@ async fn window(
     // or in neither.
     let m0 = scrape(&opts.members).await?;
     let own0 = own.total();
+    let puts0 = own.puts.load(Ordering::Relaxed);
     let t0 = Instant::now();
     tokio::time::sleep(opts.window).await;
     let m1 = scrape(&opts.members).await?;
     let own1 = own.total();
+    let puts1 = own.puts.load(Ordering::Relaxed);
     let secs = t0.elapsed().as_secs_f64();
     let etcd1: Vec<_> = opts
         .etcd_pids
@@ -453,6 +480,7 @@ async fn window(
         "etcd_received_per_s": rates.get("received/*").copied().unwrap_or(0.0),
         "etcd_handled_per_s": rates.get("handled/*").copied().unwrap_or(0.0),
         "loadgen_requests_per_s": round3((own1 - own0) as f64 / secs),
+        "loadgen_puts_per_s": round3((puts1 - puts0) as f64 / secs),
         "etcd_cpu_percent": round3(per_member.iter().sum()),
         "etcd_cpu_percent_by_member": per_member,
         "skyapi_cpu_percent": sky,
