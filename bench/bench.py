@@ -4,10 +4,19 @@ every scenario of examples/loadgen.rs against them, and write BENCHMARKS.md
 (figures, goals, exact commands, machine) plus bench/results.json (every raw
 figure) and bench/results.svg (RSS against connections, latency percentiles).
 
-Each scenario gets a fresh skyapi (SIGTERM between them, which revokes its
-lease), so one scenario's leftovers cannot skew the next; etcd lives for the
-whole run. Every process started here is stopped on the way out, Ctrl-C
-included. Traffic goes to 127.0.0.1 only, and every loop is bounded.
+The measured skyapi is the shipped one, the static musl build (`--skyapi`);
+the `--both` scenarios (latency, idle) run again with the glibc build
+(`--skyapi-glibc`) right after, and the report says which binary each
+figure is from.
+
+Each scenario gets a fresh skyapi (SIGTERM between them: a restart-safe
+stop, so its entries stay until its lease runs out; each scenario counts
+only its own service), so one scenario's leftovers cannot skew the next;
+etcd lives for the whole run. The fleet scenarios (`fleet`: one etcd,
+`fleet_cluster`: three members) get etcds of their own, and the load
+generator starts their skyapi instances. Every process started here is
+stopped on the way out, Ctrl-C included. Traffic goes to 127.0.0.1 only,
+and every loop is bounded.
 
 Standard library only (Python 3.9+).
 """
@@ -362,7 +371,7 @@ def describe_binary(path):
         "path": os.path.relpath(path, ROOT),
         "size_mib": round(size / 1048576, 1) if size else None,
         "static": "static" in kind,
-        "file": kind.split(", BuildID")[0],
+        "file": kind.split(", BuildID")[0] + (", not stripped" if "not stripped" in kind else ", stripped"),
     }
 
 
@@ -735,7 +744,8 @@ def render_md(r, notes, svg_rel):
     w(f"| memory | {m['memory']} |")
     w(f"| kernel | {m['kernel']} |")
     w(f"| rustc | {m['rustc']} |")
-    w(f"| etcd | {m['etcd']} (one member, data on local disk) |")
+    w(f"| etcd | {m['etcd']} (one member, data on local disk; the fleet_cluster scenario: three members "
+      "on this same machine and disk) |")
     w(f"| open files (hard limit) | {m['nofile_hard']} |")
     w(f"| load average at start | {' '.join(m['loadavg_at_start'])} |")
     w("")
@@ -746,8 +756,8 @@ def render_md(r, notes, svg_rel):
     w("CPU used while each scenario ran, in % of one core (the machine has "
       f"{m['nproc']} cores, so at most {100 * (m['nproc'] or 1)} %). *others* are processes "
       "outside this benchmark (the machine is shared with builds and tests); they make "
-      "latencies noisier, so each scenario first waits (at most 60 s) until they use less "
-      f"than 25 % of a core. Load average at the end: {' '.join(m.get('loadavg_at_end', []))}.\n")
+      f"latencies noisier, so each scenario first waits (at most {p.get('quiet_limit', 60):g} s) until they "
+      f"use less than 25 % of a core. Load average at the end: {' '.join(m.get('loadavg_at_end', []))}.\n")
     w("| scenario | seconds | whole machine | skyapi | etcd | loadgen | interrupts (loopback TCP) | others |\n"
       "|---|---|---|---|---|---|---|---|")
     for k, v in list(s.items()) + [(k + " (glibc)", v) for k, v in r.get("glibc", {}).items()]:
@@ -972,7 +982,11 @@ def render_builds(r, w):
     def row(label, f):
         w(f"| {label} | " + " | ".join(f(x) for _, x in cols) + " |")
 
-    w(f"| binary size | {fmt(g(bins, 'musl', 'size_mib'), ' MiB', 1)} | {fmt(g(bins, 'glibc', 'size_mib'), ' MiB', 1)} |")
+    def size(k):
+        stripped = "not stripped" not in g(bins, k, "file", default="not stripped")
+        return f"{fmt(g(bins, k, 'size_mib'), ' MiB', 1)} ({'stripped' if stripped else 'with debug info, not stripped'})"
+
+    w(f"| binary size | {size('musl')} | {size('glibc')} |")
     row("fresh RSS (before any connection)", lambda x: fmt(g(x, "idle", "skyapi_fresh", "rss_kib"), " KiB"))
     row(f"RSS per connection at {half:,} held", lambda x: fmt(rss_per_conn_at(x.get("idle", {}), half), " KiB", 1))
     row(f"RSS per connection at {n:,} held", lambda x: fmt(g(x, "idle", "rss_per_connection_kib"), " KiB", 1))
