@@ -1013,6 +1013,7 @@ def fleet_rows(f):
         k, churn = w.get("instances"), w.get("churn")
         req = w["etcd_received_per_s"] - w.get("loadgen_requests_per_s", 0)
         row = {"k": k, "churn": churn, "sent": w["etcd_sent_bytes_per_s"], "req": req,
+               "events": w.get("etcd_watch_events_per_s"), "watchers": w.get("etcd_watchers"),
                "handled": w["etcd_handled_per_s"], "cpu": w["etcd_cpu_percent"],
                "sky_cpu": sum(w.get("skyapi_cpu_percent", [])), "w": w}
         b = base.get(churn)
@@ -1021,6 +1022,8 @@ def fleet_rows(f):
             row["per_sent"] = (row["sent"] - b["etcd_sent_bytes_per_s"]) / k
             row["per_req"] = (req - breq) / k
             row["per_cpu"] = (row["cpu"] - b["etcd_cpu_percent"]) / k
+            if row["events"] is not None and b.get("etcd_watch_events_per_s") is not None:
+                row["per_events"] = (row["events"] - b["etcd_watch_events_per_s"]) / k
         out.append(row)
     return out
 
@@ -1055,15 +1058,21 @@ def render_fleet(r, w):
         w(f"{f['foreign']:,} foreign entries written in {fmt(f.get('foreign_write_s'), ' s', 1)}; "
           f"{fmt(f.get('keys_under_root_at_end'))} keys under the root at the end; "
           f"the scenario took {fmt(f.get('seconds'), ' s', 0)}.\n")
-        w("| K | window | etcd bytes sent/s | per instance | requests/s (not ours) | per instance | "
-          "etcd CPU % | per instance | skyapi CPU % (all K) | requests/s by method (all, ours included) |"
-          "\n|---|---|---|---|---|---|---|---|---|---|")
         rows = fleet_rows(f)
+        # Runs before the watch counters were scraped have no such columns.
+        ev = any(x["events"] is not None for x in rows)
+        w("| K | window | etcd bytes sent/s | per instance | requests/s (not ours) | per instance | "
+          "etcd CPU % | per instance | skyapi CPU % (all K) | "
+          + ("watch events sent/s | per instance | watchers | " if ev else "")
+          + "requests/s by method (all, ours included) |\n|---|---|---|---|---|---|---|---|---|"
+          + ("---|---|---|" if ev else "") + "---|")
         for x in rows:
             mode = f"churn ({fmt(x['w'].get('loadgen_puts_per_s'), '/s', 0)})" if x["churn"] else "idle"
             w(f"| {x['k']} | {mode} | {fmt(x['sent'], '', 0)} | "
               f"{fmt(x.get('per_sent'), '', 0)} | {fmt(x['req'], '', 2)} | {fmt(x.get('per_req'), '', 2)} | "
               f"{fmt(x['cpu'], '', 2)} | {fmt(x.get('per_cpu'), '', 2)} | {fmt(x['sky_cpu'], '', 2)} | "
+              + (f"{fmt(x['events'], '', 1)} | {fmt(x.get('per_events'), '', 1)} | {fmt(x['watchers'], '', 0)} | "
+                 if ev else "")
               + ", ".join(f"{k.split('/')[1]} {v:g}" for k, v in x["w"].get("etcd_rates_per_s", {}).items()
                           if k.startswith("received/") and k != "received/*") + " |")
         w("")

@@ -170,7 +170,8 @@ impl Watch {
 /// `handled/<method>` (`grpc_server_handled_total`: finished RPCs, all
 /// codes), `received/<method>` (`grpc_server_msg_received_total`: request
 /// messages, which also counts each keepalive on the long-lived
-/// LeaseKeepAlive stream) and `sent_bytes` / `received_bytes`.
+/// LeaseKeepAlive stream), `sent_bytes` / `received_bytes`, `watch_events`
+/// (events sent to watchers) and the gauge `gauge/watchers`.
 pub async fn metrics(endpoint: &str) -> Result<BTreeMap<String, f64>, String> {
     let hostport = endpoint
         .trim_start_matches("http://")
@@ -218,6 +219,10 @@ pub async fn metrics(endpoint: &str) -> Result<BTreeMap<String, f64>, String> {
             }
             "etcd_network_client_grpc_sent_bytes_total" => "sent_bytes".into(),
             "etcd_network_client_grpc_received_bytes_total" => "received_bytes".into(),
+            // Events sent to watchers (a watch-based reconcile's cost of
+            // other instances' churn), and how many watchers there are now.
+            "etcd_debugging_mvcc_events_total" => "watch_events".into(),
+            "etcd_debugging_mvcc_watcher_total" => "gauge/watchers".into(),
             _ => continue,
         };
         *out.entry(key).or_insert(0.0) += value;
@@ -229,7 +234,8 @@ pub async fn metrics(endpoint: &str) -> Result<BTreeMap<String, f64>, String> {
 }
 
 /// Per-second rates of every counter that moved between two scrapes, plus
-/// the totals `handled/*` and `received/*`.
+/// the totals `handled/*` and `received/*`; gauges (`gauge/...`) are not
+/// counters and are left out.
 pub fn rates(
     before: &BTreeMap<String, f64>,
     after: &BTreeMap<String, f64>,
@@ -239,6 +245,9 @@ pub fn rates(
     let mut handled = 0.0;
     let mut received = 0.0;
     for (k, v) in after {
+        if k.starts_with("gauge/") {
+            continue;
+        }
         let d = v - before.get(k).copied().unwrap_or(0.0);
         if k.starts_with("handled/") {
             handled += d;

@@ -479,6 +479,8 @@ async fn window(
         "etcd_sent_bytes_per_s": rates.get("sent_bytes").copied().unwrap_or(0.0),
         "etcd_received_per_s": rates.get("received/*").copied().unwrap_or(0.0),
         "etcd_handled_per_s": rates.get("handled/*").copied().unwrap_or(0.0),
+        "etcd_watch_events_per_s": rates.get("watch_events").copied().unwrap_or(0.0),
+        "etcd_watchers": m1.get("gauge/watchers").copied(),
         "loadgen_requests_per_s": round3((own1 - own0) as f64 / secs),
         "loadgen_puts_per_s": round3((puts1 - puts0) as f64 / secs),
         "etcd_cpu_percent": round3(per_member.iter().sum()),
