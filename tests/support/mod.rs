@@ -18,6 +18,7 @@
 // different subset of it; unused helpers and re-exports are expected.
 #![allow(dead_code, unused_imports)]
 
+pub mod chaos;
 pub mod client;
 pub mod etcd;
 pub mod faults;
