@@ -9,7 +9,7 @@ LISTEN ?= :8053
 RUN_DIR := target/run
 APT_PKGS := etcd-server etcd-client protobuf-compiler
 
-.PHONY: all deps build release run test lint check clean-run static fuzz soak bench
+.PHONY: all deps build release run test lint check clean-run static fuzz soak bench chaos
 
 all: build
 
@@ -102,6 +102,19 @@ fuzz:
 # The long-running variants of the fault and resource tests (minutes).
 soak: deps
 	$(CARGO) test --release -- --ignored --test-threads=1
+
+# The chaos run (tests/chaos.rs, README "Chaos run"): DURATION seconds of
+# seeded random faults (etcd members killed, skyapi partitioned, stalled and
+# restarted, clients churning) against a 3-member etcd and two instances,
+# with the promise checked every 100 ms. SEED replays a run (random if
+# empty). The summary line is printed last, also when the run fails.
+DURATION ?= 300
+SEED ?=
+chaos: deps
+	@mkdir -p target
+	@set -o pipefail; SKYAPI_CHAOS_SECONDS=$(DURATION) SKYAPI_CHAOS_SEED=$(SEED) \
+	  $(CARGO) test --test chaos random_faults_keep_the_promise -- --nocapture 2>&1 | tee target/chaos.log; \
+	  status=$$?; grep '^chaos: seed [0-9]*,' target/chaos.log | tail -1; exit $$status
 
 # Measures issue 4's goals (held connections, etcd load, latencies, storm,
 # churn, idle CPU) with examples/loadgen.rs against a throwaway etcd and

@@ -103,7 +103,7 @@ fn etcd_lane(
                     end: Some(now),
                     absence_after: Some(bounds.pending()),
                     registering_only: true,
-                    stale_after: Some(bounds.pending()),
+                    stale_after: Some(bounds.lease_expiry()),
                     drops: false,
                 });
                 members[member].kill();
@@ -121,7 +121,7 @@ fn etcd_lane(
                     end: None,
                     absence_after: Some(bounds.pending()),
                     registering_only: true,
-                    stale_after: Some(bounds.pending()),
+                    stale_after: Some(bounds.lease_expiry()),
                     drops: false,
                 });
                 for m in pair {
@@ -218,6 +218,18 @@ fn skyapi_lane(
                     drops: true,
                 });
                 let signalled = Instant::now();
+                // Nobody deletes for the stopped process: its entries go
+                // with its lease, within T.
+                lock(&ledger).begin_excuse(Excuse {
+                    what: format!("skyapi {} {sig}", name(i)),
+                    scope: Scope::Instance(i),
+                    start: signalled,
+                    end: Some(signalled),
+                    absence_after: None,
+                    registering_only: false,
+                    stale_after: Some(bounds.lease_expiry()),
+                    drops: false,
+                });
                 let old = &mut inst.live[i];
                 old.signal(if kill { libc::SIGKILL } else { libc::SIGTERM });
                 let status = old.wait_exit(Duration::from_secs(10));

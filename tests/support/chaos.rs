@@ -137,6 +137,16 @@ impl Bounds {
         self.timeout + Duration::from_secs(1)
     }
 
+    /// An entry left to expire with its lease (its instance killed,
+    /// stopped or cut off) goes within T of the last keepalive, as the
+    /// README says for SIGKILL, +1 s as in [`stale`](Self::stale). A new
+    /// etcd leader gives every lease a fresh TTL (etcd's own rule, in
+    /// FIELD-NOTES), so after an election, or etcd not answering, the T
+    /// counts from when etcd answers again.
+    pub fn lease_expiry(&self) -> Duration {
+        self.stale()
+    }
+
     /// Issue 9: the sidecar's "first attempt within 0-250 ms" on a dropped
     /// connection, then a registration ([`pending`](Self::pending)).
     pub fn sidecar_return(&self) -> Duration {
@@ -904,7 +914,7 @@ impl Ledger {
                 end: None,
                 absence_after: Some(bounds.pending()),
                 registering_only: true,
-                stale_after: Some(bounds.pending()),
+                stale_after: Some(bounds.lease_expiry()),
                 drops: false,
             }));
         }
@@ -1054,9 +1064,13 @@ impl Ledger {
         let mut out = String::new();
         for v in &self.violations {
             // Why ignored: writing to a String cannot fail.
+            let id = self.clients.get(&v.client).map_or(String::new(), |c| {
+                let id = c.key.rsplit('/').next().unwrap_or("");
+                format!(" (id {})", &id[..id.len().min(12)])
+            });
             let _ = writeln!(
                 out,
-                "  {:?} {} at +{:.1} s for {:.1} s ({} samples): {}; faults around: {}",
+                "  {:?} {}{id} at +{:.1} s for {:.1} s ({} samples): {}; faults around: {}",
                 v.kind,
                 v.client,
                 self.offset(v.first),
