@@ -236,7 +236,8 @@ fn skyapi_lane(
                 if !kill {
                     let took = signalled.elapsed();
                     match status {
-                        Some(s) if s.success() && took <= Duration::from_secs(5) => {}
+                        // README, Restarts and upgrades: "exits 0 within a second".
+                        Some(s) if s.success() && took <= Duration::from_secs(1) => {}
                         other => lock(&ledger).bad_exit(
                             i,
                             signalled,

@@ -547,7 +547,7 @@ pub enum ViolationKind {
     /// A registration refused (`ERROR:`).
     Refused,
     /// An instance that did not stop as the README says (SIGTERM: exit 0
-    /// within 5 s).
+    /// within 1 s).
     Exit,
 }
 
