@@ -94,8 +94,9 @@ fn etcd_lane(
             Action::KillMember { member, down } => {
                 let now = Instant::now();
                 // "Written within 2 s of the cluster answering": the
-                // cluster answers on; an election it needs shows up as
-                // reads the checker gets no answer to.
+                // cluster answers on. An election it needs shows up as a
+                // new raft term in the checker's reads, or as reads the
+                // checker gets no answer to.
                 lock(&ledger).begin_excuse(Excuse {
                     what: format!("etcd member {member} killed"),
                     scope: Scope::Etcd,
@@ -103,7 +104,7 @@ fn etcd_lane(
                     end: Some(now),
                     absence_after: Some(bounds.pending()),
                     registering_only: true,
-                    stale_after: Some(bounds.lease_expiry()),
+                    stale_after: Some(bounds.pending()),
                     drops: false,
                 });
                 members[member].kill();
@@ -121,7 +122,7 @@ fn etcd_lane(
                     end: None,
                     absence_after: Some(bounds.pending()),
                     registering_only: true,
-                    stale_after: Some(bounds.lease_expiry()),
+                    stale_after: Some(bounds.pending()),
                     drops: false,
                 });
                 for m in pair {
@@ -456,7 +457,11 @@ fn random_faults_keep_the_promise() {
                 while !stop.load(Ordering::Relaxed) {
                     let t = Instant::now();
                     match reader.read(ROOT) {
-                        Ok(kvs) => lock(&ledger).observe(t, &kvs),
+                        Ok((term, kvs)) => {
+                            let mut l = lock(&ledger);
+                            l.saw_term(t, term);
+                            l.observe(t, &kvs);
+                        }
                         Err(why) => lock(&ledger).unanswered(t, &why),
                     }
                     if let Some(left) = (t + CHECK_EVERY).checked_duration_since(Instant::now()) {
@@ -694,6 +699,31 @@ fn checker_a_stall_pushes_the_stale_bound_to_after_resuming() {
     l.observe(t0 + ms(12_900), &snapshot(&[(20000, 1)]));
     assert!(l.violations().is_empty());
     l.observe(t0 + ms(13_100), &snapshot(&[(20000, 1)]));
+    assert_eq!(kinds(&l), [ViolationKind::Stale]);
+}
+
+#[test]
+fn checker_an_election_renews_leases_so_stale_entries_may_stay_t_plus_2s_after_it() {
+    let t0 = Instant::now();
+    let mut l = ledger_at(t0);
+    l.add_client("ws0", ClientKind::Ws, 20000, 1, t0, ms(0));
+    l.saw_term(t0, 2);
+    l.observe(t0, &snapshot(&[(20000, 1)]));
+    l.die("ws0", t0 + ms(1000));
+    l.saw_term(t0 + ms(3000), 3);
+    // Died at 1 s: T + 1 s would end at 6 s; the election seen at 3 s
+    // moves it to 3 + T + 2 = 9 s.
+    l.observe(t0 + ms(8900), &snapshot(&[(20000, 1)]));
+    assert!(l.violations().is_empty());
+    l.observe(t0 + ms(9100), &snapshot(&[(20000, 1)]));
+    assert_eq!(kinds(&l), [ViolationKind::Stale]);
+    // A term that does not grow (another member answering) is no election.
+    let mut l = ledger_at(t0);
+    l.add_client("ws0", ClientKind::Ws, 20000, 1, t0, ms(0));
+    l.saw_term(t0, 3);
+    l.die("ws0", t0 + ms(1000));
+    l.saw_term(t0 + ms(3000), 3);
+    l.observe(t0 + ms(6100), &snapshot(&[(20000, 1)]));
     assert_eq!(kinds(&l), [ViolationKind::Stale]);
 }
 

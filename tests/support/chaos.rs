@@ -137,14 +137,19 @@ impl Bounds {
         self.timeout + Duration::from_secs(1)
     }
 
-    /// An entry left to expire with its lease (its instance killed,
-    /// stopped or cut off) goes within T of the last keepalive, as the
-    /// README says for SIGKILL, +1 s as in [`stale`](Self::stale). A new
-    /// etcd leader gives every lease a fresh TTL (etcd's own rule, in
-    /// FIELD-NOTES), so after an election, or etcd not answering, the T
-    /// counts from when etcd answers again.
+    /// An entry left to expire with its lease (its instance killed or
+    /// stopped) goes within T of the last keepalive, as the README says
+    /// for SIGKILL and for a provider that does not come back after a
+    /// restart; +1 s as in [`stale`](Self::stale).
     pub fn lease_expiry(&self) -> Duration {
         self.stale()
+    }
+
+    /// A new etcd leader gives every lease a fresh TTL plus an election
+    /// timeout (etcd's own rule, FIELD-NOTES; 1 s by default), so an entry
+    /// left to its lease may stay T + 1 s (+1 s) after an election.
+    pub fn after_election(&self) -> Duration {
+        self.stale() + Duration::from_secs(1)
     }
 
     /// Issue 9: the sidecar's "first attempt within 0-250 ms" on a dropped
@@ -620,6 +625,8 @@ pub struct Ledger {
     violations: Vec<Violation>,
     /// The open "etcd did not answer the checker" excuse.
     unanswered: Option<usize>,
+    /// etcd's raft term at the last answered read, and when that was.
+    term: Option<(u64, Instant)>,
     foreign_reported: BTreeSet<String>,
     pub max_absence: Duration,
     pub max_staleness: Duration,
@@ -643,6 +650,7 @@ impl Ledger {
             excuses: Vec::new(),
             violations: Vec::new(),
             unanswered: None,
+            term: None,
             foreign_reported: BTreeSet::new(),
             max_absence: Duration::ZERO,
             max_staleness: Duration::ZERO,
@@ -914,9 +922,34 @@ impl Ledger {
                 end: None,
                 absence_after: Some(bounds.pending()),
                 registering_only: true,
-                stale_after: Some(bounds.lease_expiry()),
+                stale_after: Some(bounds.pending()),
                 drops: false,
             }));
+        }
+    }
+
+    /// The raft term an answered read at `t` reported. A higher term than
+    /// the last read's means etcd elected a leader in between, which gave
+    /// every lease a fresh TTL ([`Bounds::after_election`]) and held writes
+    /// up ([`Bounds::pending`]).
+    pub fn saw_term(&mut self, t: Instant, term: u64) {
+        if let Some((last, at)) = self.term {
+            if term > last {
+                let bounds = self.bounds;
+                self.begin_excuse(Excuse {
+                    what: format!("etcd elected a leader (term {last} to {term})"),
+                    scope: Scope::Etcd,
+                    start: at,
+                    end: Some(t),
+                    absence_after: Some(bounds.pending()),
+                    registering_only: true,
+                    stale_after: Some(bounds.after_election()),
+                    drops: false,
+                });
+            }
+        }
+        if self.term.is_none_or(|(last, _)| term >= last) {
+            self.term = Some((term, t));
         }
     }
 
@@ -1119,8 +1152,9 @@ impl EtcdReader {
         }
     }
 
-    /// `(key, value)` of every key under `prefix`, or why no member answered.
-    pub fn read(&mut self, prefix: &str) -> Result<Vec<(String, String)>, String> {
+    /// The raft term and `(key, value)` of every key under `prefix`, or why
+    /// no member answered.
+    pub fn read(&mut self, prefix: &str) -> Result<(u64, Vec<(String, String)>), String> {
         let mut why = Vec::new();
         for i in 0..self.ports.len() {
             let n = (self.next + i) % self.ports.len();
@@ -1166,7 +1200,11 @@ fn prefix_end(prefix: &str) -> Vec<u8> {
     end
 }
 
-fn range(port: u16, prefix: &str, timeout: Duration) -> Result<Vec<(String, String)>, String> {
+fn range(
+    port: u16,
+    prefix: &str,
+    timeout: Duration,
+) -> Result<(u64, Vec<(String, String)>), String> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let mut s =
         TcpStream::connect_timeout(&addr, Duration::from_millis(300)).map_err(|e| e.to_string())?;
@@ -1215,13 +1253,19 @@ fn range(port: u16, prefix: &str, timeout: Duration) -> Result<Vec<(String, Stri
             .and_then(|b| String::from_utf8(b).ok())
             .ok_or_else(|| format!("bad {name} in {kv}"))
     };
-    doc["kvs"]
+    // The gateway writes 64-bit numbers as strings.
+    let term = doc["header"]["raft_term"]
+        .as_str()
+        .and_then(|t| t.parse().ok())
+        .ok_or_else(|| format!("no raft_term in {}", doc["header"]))?;
+    let kvs = doc["kvs"]
         .as_array()
         .map(Vec::as_slice)
         .unwrap_or_default()
         .iter()
         .map(|kv| Ok((field(kv, "key")?, field(kv, "value")?)))
-        .collect()
+        .collect::<Result<_, String>>()?;
+    Ok((term, kvs))
 }
 
 // ---------------------------------------------------------------------------
