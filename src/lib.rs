@@ -3,12 +3,15 @@
 //!
 //! Modules, by concern:
 //! - `config`: flags into a validated `Config`;
-//! - `auth`: the token file and access checks for `/provide`;
+//! - `admin`: the admin listener for the read endpoints;
+//! - `auth`: the token file and access checks (names, reserved labels, @admin);
 //! - `provide`: the `/provide` contract: parameters, ids, keys, values;
 //! - `http`: request heads, routing helpers and plain responses;
 //! - `connection`: one thread per connection: handshake and ping loop;
+//! - `liveness`: when to ping, when to drop a client, and stalls of skyapi;
 //! - `worker`: the etcd worker's logic behind the `Store` trait;
 //! - `etcd`: `Store` on a real etcd through etcd-client;
+//! - `health`: whether registrations are being stored, for `/healthz`;
 //! - `endpoints`: `/healthz`, `/metrics`, `/services`;
 //! - `metrics`: counters and the Prometheus text writer;
 //! - `server`: listener, accept loop, signals and shutdown;
@@ -17,13 +20,16 @@
 //! - `transport`: the socket with a per-read deadline, plain or under TLS;
 //! - `error`: the error types of each boundary.
 
+pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod connection;
 pub mod endpoints;
 pub mod error;
 pub mod etcd;
+pub mod health;
 pub mod http;
+pub mod liveness;
 pub mod metrics;
 pub mod provide;
 pub mod server;
