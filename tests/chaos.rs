@@ -545,7 +545,10 @@ fn random_faults_keep_the_promise() {
         led.max_absence.as_secs_f64(),
         led.max_staleness.as_secs_f64()
     );
-    println!("{summary}");
+    // Straight to fd 2, past libtest's capture, so `make test` shows the
+    // seed and result of a passing run too.
+    // Why ignored: without a stderr there is nowhere to report the failure.
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("{summary}\n").as_bytes());
     drop(led);
     // Ended quietly (their logs are in files), so a failure's output ends
     // with the violations and the summary.
