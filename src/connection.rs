@@ -382,7 +382,13 @@ fn provide<T: Transport>(
             .metrics
             .registration(metrics::Registration::Abandoned);
     }
-    info!("close {who} reason={}", ending.as_str());
+    // A stop closes every connection at once: one line each would be
+    // thousands of lines per deploy; the server logs the count instead.
+    if ending == Removal::Shutdown {
+        debug!("close {who} reason={}", ending.as_str());
+    } else {
+        info!("close {who} reason={}", ending.as_str());
+    }
 }
 
 /// Whether an advertised host is the connection's own address (compared as

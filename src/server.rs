@@ -61,8 +61,11 @@ const DRAIN_WAIT: Duration = Duration::from_millis(1500);
 /// are reconnecting): the worker gets this to write the deletes queued
 /// before the stop, and connections this to send their 1012 and hear the
 /// answer, so the process exits within a second.
+/// Past the drain, connections that have not sent their close yet (the
+/// host is overloaded) are dropped with the process: their clients see the
+/// connection end, which takes a registration up again just as 1012 does.
 const RESTART_WORKER_WAIT: Duration = Duration::from_millis(300);
-const RESTART_DRAIN_WAIT: Duration = Duration::from_millis(600);
+const RESTART_DRAIN_WAIT: Duration = Duration::from_millis(400);
 /// Interrupts connection threads at shutdown (see `Shared::threads`).
 const WAKE_SIGNAL: i32 = signal_hook::consts::SIGUSR2;
 /// Threads at most answering 503 under TLS beyond `--max-connections`.
@@ -592,6 +595,7 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
             .name(format!("conn-{id}"))
             .stack_size(CONN_STACK)
             .spawn(move || {
+                lower_priority();
                 let shared = slot.shared.clone();
                 // SAFETY: pthread_self has no preconditions.
                 shared
@@ -610,6 +614,25 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
             error!("cannot start a thread for {peer}: {e}");
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+}
+
+/// How much lower a connection thread's CPU priority is than the rest.
+const CONN_NICE: libc::c_int = 5;
+
+/// Lowers the calling connection thread's CPU priority by `CONN_NICE`
+/// (Linux priorities are per thread), so the threads that keep the whole
+/// registrar going (accept, the etcd worker, signals and shutdown) are not
+/// starved when thousands of connection threads are runnable at once: a
+/// reconnect storm, or a stop that wakes every connection to send its
+/// close. Unprivileged: a thread may always lower its own priority.
+fn lower_priority() {
+    // SAFETY: gettid has no preconditions; setpriority on our own thread id.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        let now = libc::getpriority(libc::PRIO_PROCESS, tid);
+        // Best effort: a failure leaves the thread at the process's priority.
+        let _ = libc::setpriority(libc::PRIO_PROCESS, tid, (now + CONN_NICE).min(19));
     }
 }
 
