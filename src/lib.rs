@@ -11,12 +11,18 @@
 //! - `etcd`: `Store` on a real etcd through etcd-client;
 //! - `endpoints`: `/healthz`, `/metrics`, `/services`;
 //! - `metrics`: counters and the Prometheus text writer;
-//! - `server`: listener, accept loop, signals and shutdown;
+//! - `server`: accept loop, signals and shutdown;
+//! - `listen`: the listening sockets, bound or passed by systemd, and the
+//!   wait for connections on them;
+//! - `activation`: systemd's socket-activation protocol (`LISTEN_FDS`);
+//! - `supervisor`: systemd's notify protocol: readiness, status, watchdog;
+//! - `logging`: log lines for a terminal or for the journal;
 //! - `sidecar`: `skyapi provide`, the reconnecting client;
 //! - `tls`: rustls configuration for wss://;
 //! - `transport`: the socket with a per-read deadline, plain or under TLS;
 //! - `error`: the error types of each boundary.
 
+pub mod activation;
 pub mod auth;
 pub mod config;
 pub mod connection;
@@ -24,10 +30,13 @@ pub mod endpoints;
 pub mod error;
 pub mod etcd;
 pub mod http;
+pub mod listen;
+pub mod logging;
 pub mod metrics;
 pub mod provide;
 pub mod server;
 pub mod sidecar;
+pub mod supervisor;
 pub mod tls;
 pub mod transport;
 pub mod worker;

@@ -14,22 +14,23 @@
 //!   still release the registration and the connection slot.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener};
-use std::os::fd::AsRawFd;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
-use log::{debug, error, info, warn};
+use log::{error, info, warn};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use crate::auth::Tokens;
 use crate::config::{Config, Limits};
 use crate::connection::{self, Live};
 use crate::etcd::EtcdStore;
+use crate::listen::Listeners;
 use crate::metrics::{Metered, Metrics};
 use crate::provide::Layout;
+use crate::supervisor::{self, Supervisor};
 use crate::worker::{self, ConnId, SharedHealth, WorkerHandle};
 
 /// Stack of a connection thread. The deepest path (handshake, JSON, logging)
@@ -37,8 +38,6 @@ use crate::worker::{self, ConnId, SharedHealth, WorkerHandle};
 pub const CONN_STACK: usize = 128 * 1024;
 /// Each limit is logged at most this often.
 const LIMIT_LOG_EVERY: Duration = Duration::from_secs(10);
-/// Pending connections the kernel queues before accept().
-const LISTEN_BACKLOG: libc::c_int = 4096;
 /// How long the worker gets to revoke the lease at shutdown.
 const REVOKE_WAIT: Duration = Duration::from_secs(3);
 /// How long connection threads get to send their close frames.
@@ -146,6 +145,29 @@ impl Shared {
         // every change is a single insert, remove or field store.
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// One line for systemd's `STATUS=`: connections, registrations and
+    /// etcd's state, with nothing that changes every second (it is sent
+    /// when it changes).
+    fn status(&self) -> String {
+        let (stored, waiting) = {
+            let live = self.live_registrations();
+            let stored = live.values().filter(|l| l.stored).count();
+            (stored, live.len() - stored)
+        };
+        let etcd = {
+            let h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+            match (&h.etcd_up, &h.last_error) {
+                (true, _) => "etcd up".to_string(),
+                (false, Some(e)) => format!("etcd unavailable ({e}), {} keys queued", h.pending),
+                (false, None) => "etcd not answered yet".to_string(),
+            }
+        };
+        format!(
+            "{} connections, {stored} registrations, {waiting} waiting for etcd; {etcd}",
+            self.open_connections()
+        )
+    }
 }
 
 /// A connection thread's pthread handle (a pointer on musl, an integer on
@@ -199,20 +221,15 @@ pub fn run(config: Config) -> Result<(), String> {
     // never interrupts a connection's socket call halfway.
     mask_signals(libc::SIG_BLOCK);
 
-    let listener = bind(&config.listen)?;
-    // std binds with a backlog of 128: a fleet reconnecting at once after a
-    // restart would see SYN retries (a second each). Listening again on the
-    // bound socket raises it (the kernel caps it at net.core.somaxconn).
-    // SAFETY: listen(2) on the listener's own descriptor.
-    if unsafe { libc::listen(listener.as_raw_fd(), LISTEN_BACKLOG) } != 0 {
-        warn!(
-            "cannot raise the listen backlog: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    let local = listener
-        .local_addr()
-        .map_err(|e| format!("listener has no address: {e}"))?;
+    // Both read (and clear) systemd's variables: before any thread starts.
+    let supervisor = Supervisor::from_env();
+    let listeners = Listeners::open(&config.listen)?;
+    let local = listeners
+        .addrs()
+        .iter()
+        .map(SocketAddr::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
 
     let store = EtcdStore::new(config.etcd.clone())
         .map_err(|e| format!("cannot start the etcd worker's runtime: {e}"))?;
@@ -249,13 +266,13 @@ pub fn run(config: Config) -> Result<(), String> {
         threads: Mutex::new(HashMap::new()),
     });
 
-    let listener = Arc::new(listener);
+    let listeners = Arc::new(listeners);
     let acceptor = {
         let shared = shared.clone();
-        let listener = listener.clone();
+        let listeners = listeners.clone();
         std::thread::Builder::new()
             .name("accept".into())
-            .spawn(move || accept_loop(&listener, &shared))
+            .spawn(move || accept_loop(&listeners, &shared))
             .map_err(|e| format!("cannot start the accept thread: {e}"))?
     };
     info!(
@@ -269,6 +286,10 @@ pub fn run(config: Config) -> Result<(), String> {
         config.layout.root_name(),
         config.timeout.as_secs()
     );
+    supervisor.ready({
+        let shared = shared.clone();
+        move || shared.status()
+    });
 
     mask_signals(libc::SIG_UNBLOCK);
     let mut signal = SIGTERM;
@@ -291,11 +312,9 @@ pub fn run(config: Config) -> Result<(), String> {
         shared.open_connections()
     );
     shared.shutting_down.store(true, Ordering::SeqCst);
-    // Wakes the blocked accept(); on Linux it then fails with EINVAL.
-    // SAFETY: the fd belongs to `listener`, which is alive (we hold an Arc).
-    unsafe {
-        libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR);
-    }
+    supervisor.stopping();
+    // Not shutdown(2): a socket passed by systemd must keep listening.
+    listeners.wake();
     // The acceptor only ever logs; a panic there has been reported already.
     let _ = acceptor.join();
 
@@ -321,33 +340,16 @@ pub fn run(config: Config) -> Result<(), String> {
     Ok(())
 }
 
-fn bind(candidates: &[SocketAddr]) -> Result<TcpListener, String> {
-    let mut last = None;
-    for addr in candidates {
-        match TcpListener::bind(addr) {
-            Ok(l) => return Ok(l),
-            Err(e) => {
-                debug!("cannot bind {addr}: {e}");
-                last = Some((addr, e));
-            }
-        }
-    }
-    match last {
-        Some((addr, e)) => Err(format!("cannot listen on {addr}: {e}")),
-        None => Err("no address to listen on".into()),
-    }
-}
-
-fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
+fn accept_loop(listeners: &Listeners, shared: &Arc<Shared>) {
     loop {
-        let (stream, peer) = match listener.accept() {
-            Ok(pair) => pair,
+        supervisor::ACCEPT.beat();
+        let (stream, peer) = match listeners.accept(supervisor::BEAT_EVERY) {
+            Ok(Some(pair)) => pair,
+            Ok(None) if shared.is_shutting_down() => return,
+            Ok(None) => continue,
             Err(e) => {
                 if shared.is_shutting_down() {
                     return;
-                }
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
                 }
                 // EMFILE and friends: the condition passes when connections
                 // close; spinning on it would only burn a core.

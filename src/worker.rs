@@ -256,6 +256,7 @@ impl<S: Store> Worker<S> {
             let wait = self
                 .next_deadline()
                 .saturating_duration_since(Instant::now());
+            let wait = wait.min(crate::supervisor::BEAT_EVERY); // systemd watchdog heartbeat
             match rx.recv_timeout(wait) {
                 Ok(cmd) => {
                     if !self.handle(cmd) {
@@ -279,6 +280,7 @@ impl<S: Store> Worker<S> {
                 }
             }
             self.tick(Instant::now());
+            crate::supervisor::WORKER.beat();
         }
     }
 
