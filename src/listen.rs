@@ -60,7 +60,7 @@ impl Listeners {
                 })
                 .collect();
             info!(
-                "socket activation: serving on {} passed by the service manager; --listen-addr is not bound",
+                "socket activation: serving on what the service manager passed ({}); --listen-addr is not bound",
                 list.join(", ")
             );
             passed.into_iter().map(|p| p.listener).collect()

@@ -102,6 +102,7 @@ impl Shared {
     /// limit (with the count since), so a flood of bad clients cannot flood
     /// the log too.
     pub fn limit_hit(&self, limit: &'static str, what: &str) {
+        self.metrics.limit_hit(limit);
         let mut log = self.limit_log.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         let entry = log.entry(limit).or_insert((now - LIMIT_LOG_EVERY, 0));
@@ -234,6 +235,7 @@ pub fn run(config: Config) -> Result<(), String> {
     let store = EtcdStore::new(config.etcd.clone())
         .map_err(|e| format!("cannot start the etcd worker's runtime: {e}"))?;
     let metrics = Arc::new(Metrics::default());
+    metrics.configured(config.max_connections, config.timeout);
     let store = Metered {
         inner: store,
         metrics: metrics.clone(),
