@@ -162,6 +162,78 @@ fn a_passed_socket_that_is_not_tcp_stops_start_up_with_a_clear_message() {
     );
 }
 
+/// skyapi started the way systemd starts it for a `.socket` unit: `listener`
+/// as fd 3, `LISTEN_FDS=1`, `LISTEN_PID` its own pid (a shell sets it, then
+/// execs skyapi in the same process).
+fn activated(listener: &std::net::TcpListener, etcd: &Etcd) -> Skyapi {
+    use std::os::unix::process::CommandExt;
+    let fd = listener.as_raw_fd();
+    let mut cmd = Command::new("/bin/sh");
+    cmd.args([
+        "-c",
+        "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" --etcd-api \"$1\"",
+        skyapi::BIN,
+        &etcd.endpoint(),
+    ]);
+    // SAFETY: dup2 is async-signal-safe; it gives the child the listening
+    // socket as fd 3 (without close-on-exec, as a manager passes it).
+    unsafe {
+        cmd.pre_exec(move || {
+            // dup2 onto itself would keep close-on-exec set.
+            let ok = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0) == 0
+            } else {
+                libc::dup2(fd, 3) == 3
+            };
+            if !ok {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Skyapi::spawn_command("skyapi", "skyapi with a passed socket", cmd, &[], None)
+        .wait_listening()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn a_restart_on_a_passed_socket_queues_connections_instead_of_refusing_them() {
+    let _w = watchdog(TEST_LIMIT);
+    let etcd = Etcd::start_new();
+    // The test holds the socket, as systemd holds a .socket unit's.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().unwrap();
+    let mut first = activated(&listener, &etcd);
+    assert_eq!(first.addr(), addr);
+    let (mut ws, welcome) = register(&format!(
+        "ws://{addr}/provide?service=foo&port=9999&host=127.0.0.1"
+    ));
+    assert!(welcome["key"].is_string());
+    first.terminate();
+    close(&mut ws, Duration::from_secs(1));
+
+    // Between the two processes: the socket still listens (skyapi's stop
+    // did not shut it down), so a client is queued, not refused.
+    let mut queued = std::net::TcpStream::connect(addr)
+        .expect("connect while no skyapi runs: the passed socket stopped listening");
+    std::io::Write::write_all(
+        &mut queued,
+        format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+
+    let _second = activated(&listener, &etcd);
+    queued
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = String::new();
+    let _ = std::io::Read::read_to_string(&mut queued, &mut answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.1 503"),
+        "the queued request was not served by the next skyapi: {answer:?}"
+    );
+}
+
 // ------------------------------------------------------ sd_notify
 
 /// A datagram socket standing in for systemd's notify socket.
