@@ -68,7 +68,10 @@ run: release
 # the last thing printed (cargo's own last summary is a binary with no tests;
 # the `#[ignore]`d soak variants are run by `make soak`).
 # The package first: tests/systemd.rs installs it (dpkg -i) and checks it.
-test: deps deb
+# If it cannot be built, the other tests still run and the package tests
+# fail saying so.
+test: deps
+	@$(MAKE) --no-print-directory deb || echo "make deb failed: the package tests in tests/systemd.rs will fail"
 	@mkdir -p target
 	set -o pipefail; $(CARGO) test --all-targets 2>&1 | tee target/test.log
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "tests: %d passed, %d failed\n", p, f }' target/test.log
