@@ -173,6 +173,18 @@ mod tests {
     }
 
     #[test]
+    fn the_variables_are_removed_even_when_meant_for_another_process() {
+        // The only test in this crate that touches these variables.
+        std::env::set_var("LISTEN_PID", "1");
+        std::env::set_var("LISTEN_FDS", "1");
+        std::env::set_var("LISTEN_FDNAMES", "skyapi");
+        assert!(take().unwrap().is_empty());
+        for name in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+            assert!(std::env::var_os(name).is_none(), "{name} left behind");
+        }
+    }
+
+    #[test]
     fn only_listening_tcp_sockets_pass() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         assert_eq!(check(l.as_raw_fd()), Ok(()));
