@@ -39,8 +39,9 @@ release: deps
 
 # Starts a throwaway etcd on 127.0.0.1:$(ETCD_PORT) (data under $(RUN_DIR)),
 # or uses the one already answering there, then skyapi on $(LISTEN).
-# Ctrl-C stops both: skyapi first (it revokes its lease), then etcd, which
-# runs in its own session so the terminal's SIGINT does not reach it first.
+# Ctrl-C stops both: skyapi first (a restart-safe stop: its entries stay
+# until its lease expires), then etcd, which runs in its own session so the
+# terminal's SIGINT does not reach it first.
 run: release
 	@mkdir -p $(RUN_DIR); \
 	etcd_pid=""; \

@@ -18,7 +18,10 @@
 //! - `storm`: `--count` providers connect at the same instant, then all
 //!   close at once;
 //! - `churn`: connect+welcome+close cycles at `--rate`/s for `--duration` s,
-//!   then what skyapi kept (threads, fds, RSS, etcd keys).
+//!   then what skyapi kept (threads, fds, RSS, etcd keys);
+//! - `restart`: `--count` reconnecting providers, skyapi stopped with
+//!   `--signal` and started again with `--restart`: keys present at every
+//!   moment, time to the new lease, etcd transactions.
 
 // A crate root looks for modules beside itself, not in examples/loadgen/.
 #[path = "loadgen/churn.rs"]
@@ -35,6 +38,8 @@ mod idle;
 mod latency;
 #[path = "loadgen/procfs.rs"]
 mod procfs;
+#[path = "loadgen/restart.rs"]
+mod restart;
 #[path = "loadgen/stats.rs"]
 mod stats;
 #[path = "loadgen/storm.rs"]
@@ -58,6 +63,8 @@ scenarios and their options (defaults in brackets):
   storm    --pid PID --count N [10000] --service S [storm]
   churn    --pid PID --rate N [1000] --duration SECS [60] --ports N [10000]
            --max-in-flight N [2000] --service S [churn]
+  restart  --pid PID --count N [10000] --signal term|kill [term]
+           --restart 'SKYAPI ARGS...' (split on spaces) --service S [restart]
 common:
   --skyapi ADDR      skyapi's listen address (IP:PORT, loopback)
   --etcd URL         etcd client URL, http://127.0.0.1:PORT
@@ -69,6 +76,7 @@ enum Scenario {
     Idle(idle::Opts),
     Storm(storm::Opts),
     Churn(churn::Opts),
+    Restart(restart::Opts),
 }
 
 struct Args {
@@ -161,6 +169,27 @@ fn parse() -> Result<Args, String> {
             service: service(&mut a, "churn")?,
             key_dir,
         }),
+        "restart" => Scenario::Restart(restart::Opts {
+            pid: a.value_from_str("--pid").map_err(e)?,
+            count: num(&mut a, "--count", 10000)? as usize,
+            signal: match a
+                .opt_value_from_str::<_, String>("--signal")
+                .map_err(e)?
+                .as_deref()
+            {
+                None | Some("term") => libc::SIGTERM,
+                Some("kill") => libc::SIGKILL,
+                Some(other) => return Err(format!("--signal {other:?}: term or kill")),
+            },
+            restart: a
+                .value_from_str::<_, String>("--restart")
+                .map_err(e)?
+                .split_whitespace()
+                .map(str::to_string)
+                .collect(),
+            service: service(&mut a, "restart")?,
+            key_dir,
+        }),
         "" => return Err("no scenario given".into()),
         other => return Err(format!("unknown scenario {other:?}")),
     };
@@ -206,6 +235,7 @@ fn main() -> ExitCode {
             Scenario::Idle(o) => idle::run(&args.target, &args.etcd, o).await,
             Scenario::Storm(o) => storm::run(&args.target, &args.etcd, o).await,
             Scenario::Churn(o) => churn::run(&args.target, &args.etcd, o).await,
+            Scenario::Restart(o) => restart::run(&args.target, &args.etcd, o).await,
         }
     });
     // Tasks still parked (none in a clean run) must not hold the exit.

@@ -48,6 +48,10 @@ usage: skyapi [FLAGS]                 run the server
   --tls-cert FILE           serve wss:// and https:// with this certificate chain
   --tls-key FILE            ... and this private key (PEM)
   --host-must-match-peer    refuse a host= other than the peer's own address
+  --revoke-on-exit          on SIGTERM/SIGINT revoke the lease (every entry goes
+                            at once) and close clients with 1001, for
+                            decommissioning; by default a stop keeps the entries
+                            for the next instance to take over (close 1012)
   --max-connections N       open connections beyond which new ones get 503
                             (default 10000)
   --handshake-timeout SECS  a request head (and TLS handshake) must be complete
@@ -119,6 +123,9 @@ pub struct Config {
     /// Certificate chain and key files for wss://.
     pub tls: Option<(PathBuf, PathBuf)>,
     pub host_must_match_peer: bool,
+    /// At SIGTERM/SIGINT, revoke the lease instead of leaving the entries
+    /// for a restarted or another instance to take over.
+    pub revoke_on_exit: bool,
 }
 
 /// What one connection may cost; each limit is logged when hit.
@@ -272,6 +279,7 @@ pub fn parse(args: Vec<OsString>, env: Env) -> Result<Command, ConfigError> {
     let tls_cert = f.value("--tls-cert")?;
     let tls_key = f.value("--tls-key")?;
     let host_must_match_peer = f.switch("--host-must-match-peer")?;
+    let revoke_on_exit = f.switch("--revoke-on-exit")?;
     // Accepted for compatibility with the original; a single client serves.
     let _pool_size = f.value("--etcd-pool-size")?;
     f.finish()?;
@@ -352,6 +360,7 @@ pub fn parse(args: Vec<OsString>, env: Env) -> Result<Command, ConfigError> {
         token_file: token_file.map(PathBuf::from),
         tls,
         host_must_match_peer,
+        revoke_on_exit,
     })))
 }
 

@@ -4,7 +4,9 @@
 //!
 //! Invariants:
 //! - the registration is released by a drop guard, so every way out of the
-//!   thread (close, ping timeout, error, shutdown, panic) removes the entry;
+//!   thread (close, ping timeout, error, panic) removes the entry; except
+//!   skyapi's own stop, which leaves it for the next instance (close 1012)
+//!   or has revoked it already (`--revoke-on-exit`, close 1001);
 //! - every blocking read has a deadline: the read timeout is always the time
 //!   to the next ping or to the liveness deadline, whichever is sooner;
 //! - a client is dropped once nothing at all (no pong, no frame) has arrived
@@ -192,7 +194,14 @@ impl<'a> Registered<'a> {
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
-        self.shared.worker.unregister(self.conn, &self.key);
+        // A connection that ends because skyapi stops leaves its entry:
+        // after a restart its client puts it again under the new lease (or
+        // it expires with the old one within `--timeout`); with
+        // `--revoke-on-exit` the revoked lease takes it. Deleting it here
+        // would take a live provider out of DNS for every deploy.
+        if !self.shared.is_shutting_down() {
+            self.shared.worker.unregister(self.conn, &self.key);
+        }
         self.shared.live_registrations().remove(&self.conn);
         self.shared.metrics.connection_closed();
     }
@@ -367,6 +376,19 @@ fn close<T: Transport>(
     }
 }
 
+/// Tells the client that skyapi stops: 1012 (Service Restart: reconnect,
+/// your entry is kept meanwhile) by default, 1001 (Going Away) with
+/// `--revoke-on-exit`, whose entries are gone already.
+fn closed_by_shutdown<T: Transport>(shared: &Shared, ws: &mut WebSocket<T>) -> Removal {
+    let (code, reason) = if shared.revoke_on_exit {
+        (CloseCode::Away, "skyapi shutting down")
+    } else {
+        (CloseCode::Restart, "skyapi restarting: reconnect")
+    };
+    close(ws, code, reason, None, true);
+    Removal::Shutdown
+}
+
 /// The liveness loop: pings, reads (and discards) client frames, tells the
 /// client once its entry is stored (setting `acked`), and returns why it
 /// ended.
@@ -391,8 +413,7 @@ fn hold<T: Transport>(
 
     loop {
         if shared.is_shutting_down() {
-            close(ws, CloseCode::Away, "skyapi shutting down", None, true);
-            return Removal::Shutdown;
+            return closed_by_shutdown(shared, ws);
         }
         if !*acked {
             // The first wait blocks: with etcd up the answer comes in about a
@@ -426,8 +447,7 @@ fn hold<T: Transport>(
                 }
                 Ok(Err(why)) => {
                     if shared.is_shutting_down() {
-                        close(ws, CloseCode::Away, &why, None, true);
-                        return Removal::Shutdown;
+                        return closed_by_shutdown(shared, ws);
                     }
                     // etcd refused this entry: the client must not think it
                     // is registered.
@@ -442,10 +462,7 @@ fn hold<T: Transport>(
                     return Removal::Error;
                 }
                 Err(TryRecvError::Empty) => {}
-                Err(TryRecvError::Disconnected) => {
-                    close(ws, CloseCode::Away, "skyapi shutting down", None, true);
-                    return Removal::Shutdown;
-                }
+                Err(TryRecvError::Disconnected) => return closed_by_shutdown(shared, ws),
             }
         }
 
@@ -518,8 +535,7 @@ fn hold<T: Transport>(
                 if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 if shared.is_shutting_down() {
-                    close(ws, CloseCode::Away, "skyapi shutting down", None, true);
-                    return Removal::Shutdown;
+                    return closed_by_shutdown(shared, ws);
                 }
                 return match e {
                     tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {

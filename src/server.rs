@@ -1,4 +1,4 @@
-//! The server: binds the listener, starts the etcd worker, hands each
+//! The server: opens the listeners, starts the etcd worker, hands each
 //! accepted connection to its own thread, and shuts everything down in order
 //! on SIGTERM or SIGINT.
 //!
@@ -7,9 +7,12 @@
 //!   spent on it;
 //! - `accept()` errors (out of file descriptors, ...) are logged and retried
 //!   after a pause, never fatal;
-//! - shutdown is: stop accepting, revoke the lease (every entry of this
-//!   instance goes in one etcd request), send every client a 1001 close,
-//!   return within `SHUTDOWN_BOUND`;
+//! - shutdown is: stop accepting, stop the worker, send every client a
+//!   close, return. By default a stop is a restart: no entry is deleted and
+//!   the lease is left to expire, clients get 1012 and put their entries
+//!   again under the next instance's lease, so DNS never misses them; it
+//!   returns within `RESTART_BOUND`. With `--revoke-on-exit` the lease is
+//!   revoked (every entry goes in one etcd request) and clients get 1001;
 //! - a panic in a connection thread is caught and logged; its drop guards
 //!   still release the registration and the connection slot.
 
@@ -31,7 +34,7 @@ use crate::listen::Listeners;
 use crate::metrics::{Metered, Metrics};
 use crate::provide::Layout;
 use crate::supervisor::{self, Supervisor};
-use crate::worker::{self, ConnId, SharedHealth, WorkerHandle};
+use crate::worker::{self, ConnId, SharedHealth, Stop, WorkerHandle};
 
 /// Stack of a connection thread. The deepest path (handshake, JSON, logging)
 /// needs well under this; only touched pages cost memory.
@@ -42,6 +45,12 @@ const LIMIT_LOG_EVERY: Duration = Duration::from_secs(10);
 const REVOKE_WAIT: Duration = Duration::from_secs(3);
 /// How long connection threads get to send their close frames.
 const DRAIN_WAIT: Duration = Duration::from_millis(1500);
+/// A restart must be quick (a supervisor restarts us at once and clients
+/// are reconnecting): the worker gets this to write the deletes queued
+/// before the stop, and connections this to send their 1012 and hear the
+/// answer, so the process exits within a second.
+const RESTART_WORKER_WAIT: Duration = Duration::from_millis(300);
+const RESTART_DRAIN_WAIT: Duration = Duration::from_millis(600);
 /// Interrupts connection threads at shutdown (see `Shared::threads`).
 const WAKE_SIGNAL: i32 = signal_hook::consts::SIGUSR2;
 
@@ -58,6 +67,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub host_must_match_peer: bool,
+    /// Stop by revoking (close 1001) rather than as a restart (close 1012).
+    pub revoke_on_exit: bool,
     /// The token file in force (`None`: no access control). Replaced whole
     /// on SIGHUP, so a request sees one version of it.
     tokens: RwLock<Option<Arc<Tokens>>>,
@@ -259,6 +270,7 @@ pub fn run(config: Config) -> Result<(), String> {
         metrics,
         tls,
         host_must_match_peer: config.host_must_match_peer,
+        revoke_on_exit: config.revoke_on_exit,
         tokens: RwLock::new(tokens),
         token_file: config.token_file.clone(),
         live: Mutex::new(HashMap::new()),
@@ -304,12 +316,21 @@ pub fn run(config: Config) -> Result<(), String> {
         break;
     }
     let started = Instant::now();
+    let (stop, worker_wait, drain_wait) = if config.revoke_on_exit {
+        (Stop::Revoke, REVOKE_WAIT, DRAIN_WAIT)
+    } else {
+        (Stop::Restart, RESTART_WORKER_WAIT, RESTART_DRAIN_WAIT)
+    };
     info!(
-        "{}: shutting down ({} connections)",
+        "{}: {} ({} connections)",
         if signal == SIGINT {
             "SIGINT"
         } else {
             "SIGTERM"
+        },
+        match stop {
+            Stop::Revoke => "shutting down, revoking every entry (--revoke-on-exit)",
+            Stop::Restart => "stopping for a restart, entries kept for the next instance",
         },
         shared.open_connections()
     );
@@ -320,16 +341,23 @@ pub fn run(config: Config) -> Result<(), String> {
     // The acceptor only ever logs; a panic there has been reported already.
     let _ = acceptor.join();
 
-    if !shared.worker.shutdown(REVOKE_WAIT) {
+    // The worker stops before any connection is woken, so none of their
+    // closes can reach etcd (their drop guards also skip the delete once
+    // the flag is set).
+    if !shared.worker.shutdown(stop, worker_wait) {
         warn!("etcd worker did not stop in time: entries expire with the lease");
     }
-    // Each woken thread sends its 1001 close and waits briefly for the
-    // answer. Waking again every 100 ms covers a thread that was between its
-    // flag check and its read when the first signal came.
-    let deadline = Instant::now() + DRAIN_WAIT;
+    // Each woken thread sends its close and waits briefly for the answer.
+    // Waking again every 100 ms covers a thread that was between its flag
+    // check and its read when the first signal came.
+    let deadline = Instant::now() + drain_wait;
+    let mut turns = 0u32;
     while shared.open_connections() > 0 && Instant::now() < deadline {
-        shared.wake_connections();
-        std::thread::sleep(Duration::from_millis(100));
+        if turns % 5 == 0 {
+            shared.wake_connections();
+        }
+        turns += 1;
+        std::thread::sleep(Duration::from_millis(20));
     }
     if worker_thread.is_finished() {
         let _ = worker_thread.join();

@@ -7,9 +7,15 @@
 //! reconnect). Each change is logged once.
 //!
 //! Invariants:
-//! - reconnects never spin: every failed attempt waits an exponentially
-//!   growing, jittered delay capped at `MAX_BACKOFF`, so a restarted server
-//!   is not stampeded by its fleet; the delay resets once registered;
+//! - a registration that was held and is lost (the server restarting with
+//!   1012, leaving with 1001, or the connection dropped) is taken up again
+//!   at once: the first attempt goes after a jittered 0-`QUICK_RECONNECT`
+//!   (so a fleet does not arrive in one instant) to the next server in the
+//!   list, then each other server once, well before the old server's lease
+//!   can expire and take the entry out of DNS;
+//! - after that, reconnects never spin: every failed attempt waits an
+//!   exponentially growing, jittered delay capped at `MAX_BACKOFF`; the
+//!   delay resets once registered;
 //! - a connection that answers no ping for two intervals is dead;
 //! - SIGTERM/SIGINT close the connection with a normal close (the server
 //!   removes the entry at once) and `run` returns `Ok`.
@@ -30,6 +36,11 @@ use crate::config::{Check, SidecarConfig};
 /// First reconnect delay, doubled after each failure up to `MAX_BACKOFF`.
 pub const MIN_BACKOFF: Duration = Duration::from_millis(500);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Longest wait before the first reconnect after losing a registration.
+pub const QUICK_RECONNECT: Duration = Duration::from_millis(250);
+/// A connection dropped sooner than this without a registration was not a
+/// held one: reconnecting to it at once could spin.
+const QUICK_MIN_HELD: Duration = Duration::from_secs(1);
 /// Bound on connecting, the handshake, and one check.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often sleeps look at the stop flag.
@@ -47,6 +58,7 @@ pub fn run(config: SidecarConfig) -> Result<(), String> {
         stop,
         backoff: Backoff::new(),
         next_server: 0,
+        quick_attempts: 0,
         check_ok: None,
         tls: None,
     }
@@ -60,6 +72,9 @@ struct Sidecar {
     stop: Arc<AtomicBool>,
     backoff: Backoff,
     next_server: usize,
+    /// Attempts left before the backoff applies: one per server after a
+    /// held registration is lost.
+    quick_attempts: usize,
     /// Last check result, to log changes only.
     check_ok: Option<bool>,
     tls: Option<Arc<rustls::ClientConfig>>,
@@ -111,7 +126,13 @@ impl Write for Conn {
 enum End {
     Stopped,
     CheckFailed,
-    Lost(String),
+    /// The connection ended; `quick` if it was a held registration (stored,
+    /// or open long enough to be more than a server that drops at once)
+    /// that was not refused: it is taken up again at once.
+    Lost {
+        why: String,
+        quick: bool,
+    },
 }
 
 impl Sidecar {
@@ -130,23 +151,34 @@ impl Sidecar {
                 Ok(mut ws) => match self.hold(&mut ws, &server) {
                     End::Stopped => return,
                     End::CheckFailed => {}
-                    End::Lost(why) => {
+                    End::Lost { why, quick } => {
                         warn!("{server}: connection lost: {why}");
-                        self.next_server += 1;
-                        let wait = self.backoff.next_delay();
-                        info!("reconnecting in {} ms", wait.as_millis());
-                        self.sleep(wait);
+                        if quick {
+                            self.quick_attempts = self.config.servers.len();
+                        }
+                        self.retry();
                     }
                 },
                 Err(why) => {
                     warn!("{server}: {why}");
-                    self.next_server += 1;
-                    let wait = self.backoff.next_delay();
-                    info!("reconnecting in {} ms", wait.as_millis());
-                    self.sleep(wait);
+                    self.retry();
                 }
             }
         }
+    }
+
+    /// Moves to the next server and waits before the next attempt: briefly
+    /// while quick attempts are left, else the backoff.
+    fn retry(&mut self) {
+        self.next_server += 1;
+        let wait = if self.quick_attempts > 0 {
+            self.quick_attempts -= 1;
+            self.backoff.quick_delay()
+        } else {
+            self.backoff.next_delay()
+        };
+        info!("reconnecting in {} ms", wait.as_millis());
+        self.sleep(wait);
     }
 
     /// Runs the check (if any) and logs when its result changes.
@@ -249,6 +281,13 @@ impl Sidecar {
         let mut last_heard = Instant::now();
         let mut next_tick = Instant::now() + interval;
         let mut registered = false;
+        let opened = Instant::now();
+        // Refusals (ERROR:, 1008, 1011) keep the backoff: asking again at
+        // once would be refused again.
+        let lost = |why: String, refused: bool, registered: bool| End::Lost {
+            why,
+            quick: !refused && (registered || opened.elapsed() >= QUICK_MIN_HELD),
+        };
         loop {
             if self.stopped() {
                 close(ws, CloseCode::Normal, "sidecar stopping");
@@ -258,14 +297,15 @@ impl Sidecar {
             let now = Instant::now();
             if now >= next_tick {
                 if now.duration_since(last_heard) > interval * 2 {
-                    return End::Lost(format!("no pong for {}s", interval.as_secs() * 2));
+                    let why = format!("no pong for {}s", interval.as_secs() * 2);
+                    return lost(why, false, registered);
                 }
                 if !self.check_passes() {
                     close(ws, CloseCode::Normal, "check failed");
                     return End::CheckFailed;
                 }
                 if let Err(e) = ws.send(Message::Ping(Default::default())) {
-                    return End::Lost(format!("ping failed: {e}"));
+                    return lost(format!("ping failed: {e}"), false, registered);
                 }
                 next_tick = now + interval;
             }
@@ -274,15 +314,19 @@ impl Sidecar {
             match ws.read() {
                 Ok(Message::Close(f)) => {
                     let _ = ws.flush();
-                    return End::Lost(match f {
-                        Some(f) => format!("server closed ({}: {})", u16::from(f.code), f.reason),
-                        None => "server closed".into(),
-                    });
+                    return match f {
+                        Some(f) => lost(
+                            format!("server closed ({}: {})", u16::from(f.code), f.reason),
+                            matches!(f.code, CloseCode::Policy | CloseCode::Error),
+                            registered,
+                        ),
+                        None => lost("server closed".into(), false, registered),
+                    };
                 }
                 Ok(Message::Text(t)) if !registered => {
                     last_heard = Instant::now();
                     if let Some(why) = t.strip_prefix("ERROR:") {
-                        return End::Lost(format!("refused: {}", why.trim()));
+                        return lost(format!("refused: {}", why.trim()), true, registered);
                     }
                     let v: serde_json::Value = serde_json::from_str(&t).unwrap_or_default();
                     info!(
@@ -304,7 +348,7 @@ impl Sidecar {
                             | io::ErrorKind::TimedOut
                             | io::ErrorKind::Interrupted
                     ) => {}
-                Err(e) => return End::Lost(e.to_string()),
+                Err(e) => return lost(e.to_string(), false, registered),
             }
         }
     }
@@ -412,19 +456,31 @@ impl Backoff {
     }
 
     pub fn next_delay(&mut self) -> Duration {
-        // xorshift64: jitter only needs to decorrelate a fleet.
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
+        let r = self.next_random();
         let d = self.current;
         let half = d / 2;
-        let jitter = Duration::from_nanos(self.rng % (half.as_nanos() as u64 + 1));
+        let jitter = Duration::from_nanos(r % (half.as_nanos() as u64 + 1));
         self.current = (self.current * 2).min(MAX_BACKOFF);
         half + jitter
     }
 
     pub fn reset(&mut self) {
         self.current = MIN_BACKOFF;
+    }
+
+    /// A delay drawn from [0, `QUICK_RECONNECT`], for taking a lost
+    /// registration up again; the backoff is left as it is.
+    pub fn quick_delay(&mut self) -> Duration {
+        let r = self.next_random();
+        Duration::from_nanos(r % (QUICK_RECONNECT.as_nanos() as u64 + 1))
+    }
+
+    fn next_random(&mut self) -> u64 {
+        // xorshift64: jitter only needs to decorrelate a fleet.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
     }
 }
 
@@ -455,6 +511,13 @@ mod tests {
         }
         b.reset();
         assert!(b.next_delay() <= MIN_BACKOFF);
+        // Quick delays cover [0, QUICK_RECONNECT] and leave the backoff be.
+        let quick: Vec<Duration> = (0..200).map(|_| b.quick_delay()).collect();
+        assert!(quick.iter().all(|d| *d <= QUICK_RECONNECT));
+        assert!(quick.iter().any(|d| *d < QUICK_RECONNECT / 4));
+        assert!(quick.iter().any(|d| *d > QUICK_RECONNECT * 3 / 4));
+        let d = b.next_delay();
+        assert!(d > MIN_BACKOFF / 2 && d <= MIN_BACKOFF * 2, "{d:?}");
     }
 
     #[test]

@@ -41,6 +41,16 @@ pub const MAX_REJECTED_BACKOFF: Duration = Duration::from_secs(30);
 /// Commands drained from the channel before writing, so a reconnect storm
 /// becomes a few full transactions instead of one per client.
 const MAX_BATCH: usize = 4096;
+/// Just after start, a restart's clients are coming back, each taking its
+/// entry over from the previous instance's lease (where DNS still finds
+/// it). For this long after start the worker gathers commands for up to
+/// `GATHER_WINDOW` before writing, as long as the next one follows within
+/// `GATHER_GAP`, so the takeover is a few full transactions rather than
+/// one per client; the delay costs DNS nothing, and a lone registration
+/// waits only `GATHER_GAP`.
+const STARTUP_GATHER: Duration = Duration::from_secs(5);
+const GATHER_WINDOW: Duration = Duration::from_millis(200);
+const GATHER_GAP: Duration = Duration::from_millis(25);
 
 /// Identifies one connection, so shared keys can be reference-counted.
 pub type ConnId = u64;
@@ -91,9 +101,27 @@ pub enum Command {
         conn: ConnId,
         key: String,
     },
+    /// Stop. With `revoke`, the lease is revoked (every entry of this
+    /// instance goes in one request); without, the entries stay on the
+    /// lease, which is no longer kept alive, for a restarted or another
+    /// instance to take over (see `Stop`).
     Shutdown {
         done: Sender<()>,
+        stop: Stop,
     },
+}
+
+/// How the worker ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Decommissioning (`--revoke-on-exit`): revoke the lease.
+    Revoke,
+    /// A restart (the default): leave every live entry in etcd. Clients
+    /// that come back re-put their key under the next lease (a put moves a
+    /// key to the new lease without it ever being absent); the others
+    /// expire with the old lease within `--timeout`. Deletes queued before
+    /// the stop began (clients that left on their own) are still written.
+    Restart,
 }
 
 /// The worker's view of etcd, shared with the HTTP endpoints so `/healthz`
@@ -135,7 +163,8 @@ impl WorkerHandle {
     }
 
     pub fn unregister(&self, conn: ConnId, key: &str) {
-        // After shutdown the lease is revoked: nothing is left to delete.
+        // After shutdown the worker is gone: a revoked lease took the entry
+        // with it, and a restart leaves it for the next instance.
         self.send(Command::Unregister {
             conn,
             key: key.to_string(),
@@ -153,10 +182,10 @@ impl WorkerHandle {
         sent
     }
 
-    /// Asks the worker to revoke the lease and stop; waits at most `wait`.
-    pub fn shutdown(&self, wait: Duration) -> bool {
+    /// Asks the worker to stop as `stop` says; waits at most `wait`.
+    pub fn shutdown(&self, stop: Stop, wait: Duration) -> bool {
         let (done, rx) = mpsc::channel();
-        if !self.send(Command::Shutdown { done }) {
+        if !self.send(Command::Shutdown { done, stop }) {
             return false;
         }
         rx.recv_timeout(wait).is_ok()
@@ -251,6 +280,7 @@ impl<S: Store> Worker<S> {
     }
 
     fn run(mut self, rx: Receiver<Command>) {
+        let gather_until = Instant::now() + STARTUP_GATHER;
         self.tick(Instant::now());
         loop {
             let wait = self
@@ -262,8 +292,15 @@ impl<S: Store> Worker<S> {
                     if !self.handle(cmd) {
                         return;
                     }
+                    let now = Instant::now();
+                    let (until, gap) = if now < gather_until {
+                        (now + GATHER_WINDOW, GATHER_GAP)
+                    } else {
+                        (now, Duration::ZERO)
+                    };
                     for _ in 0..MAX_BATCH {
-                        match rx.try_recv() {
+                        let next = until.saturating_duration_since(Instant::now()).min(gap);
+                        match rx.recv_timeout(next) {
                             Ok(cmd) => {
                                 if !self.handle(cmd) {
                                     return;
@@ -275,7 +312,9 @@ impl<S: Store> Worker<S> {
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
-                    self.shutdown();
+                    // Every handle is gone without a word: keep the entries
+                    // (the safe choice; they expire with the lease).
+                    self.shutdown(Stop::Restart);
                     return;
                 }
             }
@@ -318,8 +357,8 @@ impl<S: Store> Worker<S> {
                     }
                 }
             }
-            Command::Shutdown { done } => {
-                self.shutdown();
+            Command::Shutdown { done, stop } => {
+                self.shutdown(stop);
                 // The caller may have stopped waiting.
                 let _ = done.send(());
                 return false;
@@ -408,6 +447,21 @@ impl<S: Store> Worker<S> {
         let Some(lease) = self.lease else {
             return;
         };
+        if let Err(e) = self.flush_deletes(lease) {
+            return self.failed(e, now);
+        }
+        if let Err(e) = self.flush_puts(lease, false) {
+            return self.failed(e, now);
+        }
+        if let Err(e) = self.flush_puts(lease, true) {
+            return self.failed(e, now);
+        }
+        self.mark_up();
+    }
+
+    /// Writes `to_delete` in batches; a batch etcd rejects is split until
+    /// the key at fault is found, and that key is given up.
+    fn flush_deletes(&mut self, lease: i64) -> Result<(), StoreError> {
         let mut batch = MAX_DELETES_PER_TXN;
         while !self.to_delete.is_empty() {
             let chunk: Vec<String> = self.to_delete.iter().take(batch).cloned().collect();
@@ -424,16 +478,10 @@ impl<S: Store> Worker<S> {
                     error!("etcd refuses to delete {}: {why}", chunk[0]);
                     self.to_delete.remove(&chunk[0]);
                 }
-                Err(e) => return self.failed(e, now),
+                Err(e) => return Err(e),
             }
         }
-        if let Err(e) = self.flush_puts(lease, false) {
-            return self.failed(e, now);
-        }
-        if let Err(e) = self.flush_puts(lease, true) {
-            return self.failed(e, now);
-        }
-        self.mark_up();
+        Ok(())
     }
 
     /// Writes `to_put` (or, with `restore`, `to_restore` where the keys are
@@ -601,20 +649,46 @@ impl<S: Store> Worker<S> {
         h.pending = pending;
     }
 
-    fn shutdown(&mut self) {
-        if let Some(lease) = self.lease.take() {
-            match self.store.revoke(lease) {
+    fn shutdown(&mut self, stop: Stop) {
+        match (stop, self.lease.take()) {
+            (Stop::Revoke, Some(lease)) => match self.store.revoke(lease) {
                 Ok(()) => info!("etcd lease {lease:x} revoked: this instance's entries are gone"),
                 Err(e) => warn!(
                     "could not revoke lease {lease:x} ({e}): entries expire within the lease TTL"
                 ),
+            },
+            (Stop::Restart, Some(lease)) => {
+                // Only deletes: a put now would only be moved again by the
+                // next instance, and each request here delays the exit.
+                let deleted = if self.to_delete.is_empty() || !self.etcd_up() {
+                    Ok(())
+                } else {
+                    self.flush_deletes(lease)
+                };
+                if let Err(e) = deleted {
+                    warn!("could not write {} deletes before stopping ({e}): they expire with the lease", self.to_delete.len());
+                }
+                info!(
+                    "leaving {} entries on etcd lease {lease:x} for the next instance: \
+                     they expire within {}s unless their clients come back",
+                    self.entries.len(),
+                    self.ttl.as_secs()
+                );
             }
+            (_, None) => {}
         }
         for d in self.entries.values_mut() {
             for w in d.waiters.drain(..) {
                 let _ = w.send(Err("skyapi is shutting down".into()));
             }
         }
+    }
+
+    fn etcd_up(&self) -> bool {
+        self.health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .etcd_up
     }
 }
 
@@ -930,15 +1004,59 @@ mod tests {
     }
 
     #[test]
-    fn shutdown_revokes_the_lease() {
+    fn shutdown_with_revoke_revokes_the_lease() {
         let fake = Fake::default();
         let mut w = worker(&fake);
         register(&mut w, 1, "/d/a", "v");
         w.tick(Instant::now());
         let (done, rx) = mpsc::channel();
-        assert!(!w.handle(Command::Shutdown { done }));
+        assert!(!w.handle(Command::Shutdown {
+            done,
+            stop: Stop::Revoke
+        }));
         assert!(rx.try_recv().is_ok());
         assert!(fake.0.borrow().kv.is_empty());
+        assert_eq!(fake.count("revoke"), 1);
+    }
+
+    #[test]
+    fn restart_keeps_live_entries_and_writes_earlier_deletes_only() {
+        let fake = Fake::default();
+        let mut w = worker(&fake);
+        register(&mut w, 1, "/d/a", "v");
+        register(&mut w, 2, "/d/b", "v");
+        w.tick(Instant::now());
+        let lease = w.lease.unwrap();
+        // b's client left on its own before the stop; a new registration
+        // arrives but is not written before the stop.
+        unregister(&mut w, 2, "/d/b");
+        let (ack, pending) = mpsc::channel();
+        w.handle(Command::Register {
+            conn: 3,
+            key: "/d/c".into(),
+            value: "v".into(),
+            ack,
+        });
+        fake.0.borrow_mut().calls.clear();
+        let (done, rx) = mpsc::channel();
+        assert!(!w.handle(Command::Shutdown {
+            done,
+            stop: Stop::Restart
+        }));
+        assert!(rx.try_recv().is_ok());
+        assert_eq!(fake.get("/d/a").unwrap(), ("v".into(), lease));
+        assert!(
+            fake.get("/d/b").is_none(),
+            "a delete queued before the stop is written"
+        );
+        assert!(fake.get("/d/c").is_none());
+        assert_eq!(fake.count("revoke"), 0);
+        assert_eq!(fake.count("put"), 0);
+        assert!(fake.0.borrow().leases.contains(&lease));
+        assert!(
+            pending.try_recv().unwrap().is_err(),
+            "the waiting registration is told"
+        );
     }
 
     #[test]

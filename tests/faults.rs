@@ -10,7 +10,7 @@
 //! | 4 | etcd not reachable at start-up | `etcd_unreachable_at_startup_then_appears` |
 //! | 5 | a member of a cluster lost | `cluster_member_loss_loses_no_registration` (each member killed in turn), `cluster_member_frozen_loses_no_registration` (SIGSTOP) |
 //! | 6 | several skyapi instances | `client_moved_to_another_instance_keeps_its_entry`, `client_moved_while_its_old_instance_was_partitioned_keeps_its_entry` |
-//! | 7 | SIGKILL, SIGTERM | `sigterm_removes_entries_in_one_second_and_sigkill_within_timeout` |
+//! | 7 | SIGKILL, SIGTERM | `sigterm_with_revoke_on_exit_removes_entries_in_one_second_and_sigkill_within_timeout` (the default, restart-safe SIGTERM is in `tests/continuity.rs`) |
 //! | 8 | a client stops answering | `silent_clients_are_dropped_within_timeout` (SIGSTOPped sidecar, black hole) |
 //! | 9 | many clients return at once | `many_clients_at_once_are_batched` |
 //!
@@ -979,19 +979,19 @@ fn client_moved_while_its_old_instance_was_partitioned_keeps_its_entry() {
 
 // ------------------------------------------------------ 7. SIGKILL, SIGTERM
 
-/// Two instances with several clients each. SIGTERM on one: its entries are
-/// gone within 1 s of the signal (the other's untouched), its clients get a
-/// 1001 close, it exits 0. SIGKILL on the other: its entries stay until its
-/// lease expires, and are gone within T of the signal (plus etcd's expiry
-/// tick).
+/// Two instances with several clients each. SIGTERM on one started with
+/// `--revoke-on-exit`: its entries are gone within 1 s of the signal (the
+/// other's untouched), its clients get a 1001 close, it exits 0. SIGKILL on
+/// the other: its entries stay until its lease expires, and are gone within
+/// T of the signal (plus etcd's expiry tick).
 #[test]
-fn sigterm_removes_entries_in_one_second_and_sigkill_within_timeout() {
+fn sigterm_with_revoke_on_exit_removes_entries_in_one_second_and_sigkill_within_timeout() {
     let _w = watchdog(TEST_LIMIT);
     const T: u64 = 3;
     let etcd = Etcd::start_new();
     // --timeout 30 for the SIGTERM'd one: lease expiry cannot be what
     // removes its entries within 1 s.
-    let mut term = Skyapi::start(&etcd, &["--timeout", "30"]);
+    let mut term = Skyapi::start(&etcd, &["--timeout", "30", "--revoke-on-exit"]);
     let mut kill = Skyapi::start(&etcd, &["--timeout", "3"]);
     let fleet = Fleet::new();
     let term_list = [("alpha", 1001), ("beta", 1002), ("gamma", 1003)];

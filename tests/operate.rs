@@ -563,23 +563,26 @@ fn sidecar_registers_and_reregisters_after_server_restart() {
         json!({"host": "127.0.0.1", "port": 7001, "priority": 3, "weight": 7, "ttl": 60})
     );
 
-    // A clean stop revokes the server's lease: the entry goes, so the one
-    // that comes back is the sidecar's new registration.
+    // A clean stop is a restart: the entry stays on the stopped server's
+    // lease, and the sidecar's new registration moves it to the restarted
+    // server's lease.
+    let old_lease = etcd_reader(&etcd)()[&key].1;
     server.terminate();
-    wait_key(
-        "entry gone with the stopped server",
-        Duration::from_secs(3),
-        etcd_reader(&etcd),
-        &key,
-        false,
+    assert_eq!(
+        etcd_reader(&etcd)().get(&key).map(|(_, l)| *l),
+        Some(old_lease),
+        "the entry outlives the stopped server"
     );
     let server = Proc::server_on(&etcd.endpoint(), port, &[], false);
-    wait_key(
-        "sidecar re-registers with the restarted server",
-        Duration::from_secs(15),
-        etcd_reader(&etcd),
-        &key,
-        true,
+    let moved = poll_until(Duration::from_secs(15), || {
+        etcd_reader(&etcd)()
+            .get(&key)
+            .is_some_and(|(_, l)| *l != old_lease)
+    });
+    assert!(
+        moved,
+        "the sidecar re-registers with the restarted server: {:?}",
+        etcd_reader(&etcd)().get(&key)
     );
     assert_eq!(
         side.lines_with("registered foo.services.skydns.local.")
@@ -629,15 +632,21 @@ fn sidecar_backoff_grows_and_does_not_spin_while_server_is_down() {
     let cpu = side.cpu_time() - cpu_before;
     let delays = reconnect_delays(&side.logs());
 
-    // Delays are drawn from [d/2, d] with d = 500 ms, 1 s, 2 s, 4 s, ...:
-    // at most 5 attempts fit in 5 s, and at least 3 must have happened.
+    // The held registration was lost: one quick attempt (one server) after
+    // [0, 250] ms, then delays drawn from [d/2, d] with d = 500 ms, 1 s,
+    // 2 s, 4 s, ...: at most 6 attempts fit in 5 s, at least 3 must happen.
     assert!(
-        (3..=6).contains(&delays.len()),
-        "{} reconnect attempts in {window:?} (want a handful, 3..=6): {delays:?}",
+        (3..=7).contains(&delays.len()),
+        "{} reconnect attempts in {window:?} (want a handful, 3..=7): {delays:?}",
         delays.len()
     );
-    for (i, d) in delays.iter().enumerate() {
-        let cap = 500u64 << i.min(6);
+    assert!(
+        delays[0] <= 250,
+        "the first attempt after losing a held registration waits {} ms, want [0, 250]",
+        delays[0]
+    );
+    for (i, d) in delays.iter().enumerate().skip(1) {
+        let cap = 500u64 << (i - 1).min(6);
         assert!(
             (cap / 2..=cap).contains(d),
             "delay #{i} is {d} ms, want within [{}, {cap}] ms: {delays:?}",
@@ -671,13 +680,13 @@ fn sidecar_backoff_grows_and_does_not_spin_while_server_is_down() {
     let seen = reconnect_delays(&side.logs()).len();
     server.terminate();
     let reset = eventually(
-        "a reconnect line after the second outage",
+        "two reconnect lines after the second outage",
         Duration::from_secs(5),
-        || reconnect_delays(&side.logs()).get(seen).copied(),
+        || reconnect_delays(&side.logs()).get(seen + 1).copied(),
     );
     assert!(
         (250..=500).contains(&reset),
-        "first delay after a registration is {reset} ms, want [250, 500]: the backoff must reset"
+        "first backoff delay after a registration is {reset} ms, want [250, 500]: the backoff must reset"
     );
     eprintln!("backoff: delays {delays:?} ms, CPU {cpu:?} in {window:?}; after reset {reset} ms");
 
@@ -1276,6 +1285,7 @@ fn etcd_auth_survives_token_expiry_and_a_wrong_password_is_unhealthy() {
             "skyapi",
             "--timeout",
             "6",
+            "--revoke-on-exit",
         ],
         &[("SKYAPI_ETCD_PASSWORD", "pw")],
     );
@@ -1360,7 +1370,8 @@ fn etcd_auth_survives_token_expiry_and_a_wrong_password_is_unhealthy() {
         );
     }
 
-    // A clean stop revokes the lease as user skyapi: both entries go.
+    // A stop with --revoke-on-exit revokes the lease as user skyapi: both
+    // entries go.
     let mut sky = sky;
     sky.terminate();
     assert!(

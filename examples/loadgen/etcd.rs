@@ -50,12 +50,30 @@ pub async fn count(client: &Client, prefix: &str) -> Result<i64, String> {
     Ok(resp.count())
 }
 
+/// The lease of the first key under `prefix` (0 if it has none).
+pub async fn lease_of_any(client: &Client, prefix: &str) -> Result<i64, String> {
+    let mut c = client.clone();
+    let resp = timeout(
+        CALL,
+        c.get(prefix, Some(GetOptions::new().with_prefix().with_limit(1))),
+    )
+    .await
+    .map_err(|_| "etcd get timed out".to_string())?
+    .map_err(|e| format!("etcd get: {e}"))?;
+    resp.kvs()
+        .first()
+        .map(|kv| kv.lease())
+        .ok_or_else(|| format!("no key under {prefix}"))
+}
+
 /// One event, stamped when the load generator received it.
 #[derive(Debug, Clone)]
 pub struct Event {
     pub at: Instant,
     pub put: bool,
     pub key: String,
+    /// The lease the key was put with (0 for a delete or no lease).
+    pub lease: i64,
 }
 
 /// A prefix watch whose events are read by a background task, so their
@@ -103,6 +121,7 @@ impl Watch {
                         at,
                         put: ev.event_type() == EventType::Put,
                         key: String::from_utf8_lossy(kv.key()).into_owned(),
+                        lease: kv.lease(),
                     };
                     if tx.send(event).is_err() {
                         return;

@@ -1,6 +1,8 @@
 //! A fleet of idle providers, each a tokio task (not a thread): connect,
 //! wait for the welcome, report, hold the connection answering pings, and
-//! close when the fleet is told to. Used by the idle and storm scenarios.
+//! close when the fleet is told to. Used by the idle, storm and restart
+//! scenarios; in the restart scenario the providers reconnect as the
+//! sidecar does (`reconnecting`), reporting each new welcome.
 //!
 //! Invariant: every task ends by itself once `stop` is set (its close is
 //! bounded by `CLOSE_LIMIT`), or at once if the fleet is dropped.
@@ -42,6 +44,8 @@ pub struct Fleet {
     /// Bounds concurrent connects during a ramp; None in a storm.
     gate: Option<Arc<Semaphore>>,
     next_port: u32,
+    /// Reconnect when the server ends a held connection.
+    reconnect: bool,
 }
 
 impl Fleet {
@@ -61,7 +65,16 @@ impl Fleet {
             go_tx,
             gate: (concurrency > 0).then(|| Arc::new(Semaphore::new(concurrency))),
             next_port: 1,
+            reconnect: false,
         }
+    }
+
+    /// Providers spawned from now on take a lost connection up again the
+    /// way `skyapi provide` does: the first attempt after a jittered 0-250
+    /// ms, then the sidecar's exponential backoff (its own `Backoff`).
+    pub fn reconnecting(mut self) -> Fleet {
+        self.reconnect = true;
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -80,6 +93,7 @@ impl Fleet {
             let mut stop = self.stop_tx.subscribe();
             let mut go = self.go_tx.subscribe();
             let gate = self.gate.clone();
+            let reconnect = self.reconnect;
             self.tasks.spawn(async move {
                 if gated {
                     // Err: the fleet is gone; nothing to do.
@@ -114,8 +128,25 @@ impl Fleet {
                         return Err(e);
                     }
                 };
-                conn.hold(&mut stop).await?;
-                conn.close(CLOSE_LIMIT).await.map(|_| ())
+                loop {
+                    match conn.hold(&mut stop).await {
+                        Ok(()) => return conn.close(CLOSE_LIMIT).await.map(|_| ()),
+                        Err(e) if !reconnect => return Err(e),
+                        Err(_) => {}
+                    }
+                    match reopen(&target, &service, port, &mut stop).await {
+                        Some((c, welcomed)) => {
+                            let _ = ready.send(Ready {
+                                result: Ok(ReadyOk {
+                                    welcomed,
+                                    attempts: 1,
+                                }),
+                            });
+                            conn = c;
+                        }
+                        None => return Ok(()),
+                    }
+                }
             });
         }
     }
@@ -161,5 +192,29 @@ impl Fleet {
             }
         }
         (ok, failed, errors)
+    }
+}
+
+/// Connects again after a held connection was lost, as the sidecar does,
+/// until welcomed; `None` once the fleet is told to stop.
+async fn reopen(
+    target: &Target,
+    service: &str,
+    port: u32,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<(client::Conn, Instant)> {
+    let mut backoff = skyapi::sidecar::Backoff::new();
+    let mut wait = backoff.quick_delay();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.wait_for(|s| *s) => return None,
+        }
+        if let Ok(mut conn) = client::open(target, service, port, STEP_LIMIT).await {
+            if let Ok(w) = conn.welcome(STEP_LIMIT).await {
+                return Some((conn, w.at));
+            }
+        }
+        wait = backoff.next_delay();
     }
 }

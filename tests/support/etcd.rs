@@ -559,3 +559,126 @@ pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
     }
     Some(out)
 }
+
+/// One event of an `etcdctl watch`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEvent {
+    Put(String),
+    Delete(String),
+}
+
+/// `etcdctl watch --prefix` running beside a test: every put and delete
+/// under the prefix, in order, with the moment the test saw it. A watch sees
+/// what a poll can miss (a key absent for a millisecond), so it is how the
+/// tests prove that a key was *never* missing.
+pub struct Watch {
+    child: Child,
+    events: std::sync::Arc<std::sync::Mutex<Vec<(Instant, WatchEvent)>>>,
+    reader: Option<thread::JoinHandle<()>>,
+}
+
+impl Etcd {
+    /// Starts watching `prefix` and returns once the watch is in place
+    /// (proved by a put under the prefix that the watch reports; the marker
+    /// key is deleted again, and both events are left out).
+    pub fn watch(&self, prefix: &str) -> Watch {
+        use std::io::BufRead;
+        let mut cmd = Command::new(ETCDCTL);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("ETCDCTL_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoint()))
+            .args(["watch", "--prefix", prefix])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut child = spawn_tied(cmd).unwrap_or_else(|e| panic!("{ETCDCTL} watch: {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = events.clone();
+        // Output: "PUT\nKEY\nVALUE\n" or "DELETE\nKEY\n\n" per event (a
+        // delete prints its empty value too); anything else is skipped line
+        // by line until the next event starts.
+        let reader = thread::spawn(move || {
+            let mut lines = std::io::BufReader::new(stdout).lines();
+            while let Some(Ok(kind)) = lines.next() {
+                if kind != "PUT" && kind != "DELETE" {
+                    continue;
+                }
+                let Some(Ok(key)) = lines.next() else { return };
+                let event = if kind == "PUT" {
+                    let _value = lines.next();
+                    WatchEvent::Put(key)
+                } else {
+                    WatchEvent::Delete(key)
+                };
+                sink.lock().unwrap().push((Instant::now(), event));
+            }
+        });
+        let watch = Watch {
+            child,
+            events,
+            reader: Some(reader),
+        };
+        let marker = format!("{prefix}watch-marker-{}", unique_name("w"));
+        let ready = poll_until(Duration::from_secs(10), || {
+            self.put(&marker, "x");
+            watch
+                .events()
+                .iter()
+                .any(|(_, e)| *e == WatchEvent::Put(marker.clone()))
+        });
+        assert!(ready, "etcdctl watch --prefix {prefix} reports nothing");
+        self.del(&marker);
+        assert!(
+            poll_until(Duration::from_secs(5), || watch
+                .events()
+                .iter()
+                .any(|(_, e)| *e == WatchEvent::Delete(marker.clone()))),
+            "etcdctl watch did not report the marker's delete"
+        );
+        watch.events.lock().unwrap().clear();
+        watch
+    }
+}
+
+impl Watch {
+    /// Every event so far, oldest first.
+    pub fn events(&self) -> Vec<(Instant, WatchEvent)> {
+        self.events.lock().unwrap().clone()
+    }
+
+    /// The keys deleted so far (by anyone, or by a lease expiring).
+    pub fn deleted(&self) -> Vec<String> {
+        self.events()
+            .into_iter()
+            .filter_map(|(_, e)| match e {
+                WatchEvent::Delete(k) => Some(k),
+                WatchEvent::Put(_) => None,
+            })
+            .collect()
+    }
+
+    /// How many puts of `key` the watch has seen.
+    pub fn puts_of(&self, key: &str) -> usize {
+        self.events()
+            .iter()
+            .filter(|(_, e)| *e == WatchEvent::Put(key.to_string()))
+            .count()
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        // Why ignored: the watcher may have exited already; either way it
+        // is gone after this.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}
