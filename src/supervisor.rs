@@ -229,14 +229,16 @@ fn watchdog_interval(
     }
 }
 
-/// Which loop, if any, has not beaten within `stale`.
+/// Which loop, if any, has not beaten within `stale`. A loop that has not
+/// beaten yet counts from `running` (how long the supervisor has run): the
+/// worker's first beat comes after its first turn, which may wait for etcd.
 fn stalled(
     accept: Option<Duration>,
     worker: Option<Duration>,
+    running: Duration,
     stale: Duration,
 ) -> Option<&'static str> {
-    // A loop that never beat counts as stalled: before READY both have.
-    let fresh = |age: Option<Duration>| age.is_some_and(|a| a <= stale);
+    let fresh = |age: Option<Duration>| age.unwrap_or(running) <= stale;
     if !fresh(accept) {
         Some("accept loop")
     } else if !fresh(worker) {
@@ -259,6 +261,7 @@ fn keep_informed(
     let ping_every = watchdog.map(|w| w / 2);
     let stale = ping_every.map(|p| p.max(MIN_STALE));
     let tick = ping_every.map_or(STATUS_EVERY, |p| p.min(STATUS_EVERY));
+    let started = Instant::now();
     let mut status_sent = Instant::now();
     let mut pinged = Instant::now();
     let mut withheld: Option<&'static str> = None;
@@ -289,7 +292,7 @@ fn keep_informed(
         if now.duration_since(pinged) + tick / 2 < every {
             continue;
         }
-        match stalled(ACCEPT.age(), WORKER.age(), stale) {
+        match stalled(ACCEPT.age(), WORKER.age(), started.elapsed(), stale) {
             None => {
                 if let Some(was) = withheld.take() {
                     warn!("the {was} makes progress again: feeding the systemd watchdog");
@@ -335,11 +338,16 @@ mod tests {
     #[test]
     fn a_stale_or_missing_heartbeat_withholds_the_ping() {
         let stale = Duration::from_secs(15);
-        assert_eq!(stalled(secs(1), secs(14), stale), None);
-        assert_eq!(stalled(secs(16), secs(1), stale), Some("accept loop"));
-        assert_eq!(stalled(secs(1), secs(16), stale), Some("etcd worker"));
-        assert_eq!(stalled(secs(1), None, stale), Some("etcd worker"));
-        assert_eq!(stalled(None, secs(1), stale), Some("accept loop"));
+        let up = Duration::from_secs(100);
+        assert_eq!(stalled(secs(1), secs(14), up, stale), None);
+        assert_eq!(stalled(secs(16), secs(1), up, stale), Some("accept loop"));
+        assert_eq!(stalled(secs(1), secs(16), up, stale), Some("etcd worker"));
+        assert_eq!(stalled(secs(1), None, up, stale), Some("etcd worker"));
+        assert_eq!(stalled(None, secs(1), up, stale), Some("accept loop"));
+        // Just started: a loop that has not beaten yet gets `stale` to do so.
+        let young = Duration::from_secs(2);
+        assert_eq!(stalled(secs(1), None, young, stale), None);
+        assert_eq!(stalled(None, None, young, stale), None);
     }
 
     #[test]
