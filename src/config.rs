@@ -14,7 +14,7 @@ use std::time::Duration;
 use log::LevelFilter;
 
 use crate::error::ConfigError;
-use crate::provide::{label, Layout};
+use crate::provide::{label, reserved_label, Layout};
 
 /// etcd refuses lease TTLs below this with default election settings.
 pub const MIN_TIMEOUT_SECS: u64 = 2;
@@ -31,6 +31,9 @@ usage: skyapi [FLAGS]                 run the server
 
   --listen-addr ADDR        where /provide and the HTTP endpoints are served
                             (default :8053, all interfaces, IPv4 and IPv6)
+  --admin-listen-addr ADDR  serve /healthz, /metrics and /services here (plain
+                            HTTP, for a private address); /metrics and
+                            /services then leave --listen-addr
   --etcd-api URL            etcd v3 endpoint; repeatable and/or comma-separated
                             (default http://127.0.0.1:2379)
   --dns-root DOMAIN         root domain SkyDNS serves (default skydns.local.)
@@ -44,7 +47,9 @@ usage: skyapi [FLAGS]                 run the server
   --etcd-cert FILE          client certificate for etcd (with --etcd-key)
   --etcd-key FILE           client key for etcd
   --token-file FILE         require bearer tokens on /provide; lines are
-                            TOKEN SERVICE-GLOB[,GLOB...]; re-read on SIGHUP
+                            TOKEN GRANT[,GRANT...], a grant being a name glob
+                            (foo.services, web-*.services.production), a
+                            service glob (web-*) or @admin; re-read on SIGHUP
   --tls-cert FILE           serve wss:// and https:// with this certificate chain
   --tls-key FILE            ... and this private key (PEM)
   --host-must-match-peer    refuse a host= other than the peer's own address
@@ -113,6 +118,8 @@ pub enum Command {
 pub struct Config {
     /// Addresses to try binding, in order; the first that binds is used.
     pub listen: Vec<SocketAddr>,
+    /// `--admin-listen-addr`, the same way: where the admin endpoints go.
+    pub admin_listen: Option<Vec<SocketAddr>>,
     pub etcd: EtcdConfig,
     pub layout: Layout,
     pub timeout: Duration,
@@ -233,6 +240,7 @@ pub fn parse(args: Vec<OsString>, env: Env) -> Result<Command, ConfigError> {
     }
 
     let listen = f.value("--listen-addr")?.unwrap_or_else(|| ":8053".into());
+    let admin_listen = f.value("--admin-listen-addr")?;
     let mut etcd = f.values("--etcd-api")?;
     if etcd.is_empty() {
         etcd.push("http://127.0.0.1:2379".into());
@@ -331,8 +339,22 @@ pub fn parse(args: Vec<OsString>, env: Env) -> Result<Command, ConfigError> {
         read_file("--token-file", t)?;
     }
 
+    let default_category: Vec<String> = category
+        .split(',')
+        .map(|c| label("category", c))
+        .collect::<Result<_, _>>()
+        .map_err(|e| ConfigError(format!("--default-category: {e}")))?;
+    if let Some(r) = reserved_label(&default_category) {
+        return Err(ConfigError(format!(
+            "--default-category: {r:?} directly under the root is reserved for the DNS server's own records"
+        )));
+    }
+
     Ok(Command::Serve(Box::new(Config {
-        listen: listen_addrs(&listen)?,
+        listen: listen_addrs("--listen-addr", &listen)?,
+        admin_listen: admin_listen
+            .map(|a| listen_addrs("--admin-listen-addr", &a))
+            .transpose()?,
         etcd: EtcdConfig {
             endpoints,
             user,
@@ -342,11 +364,7 @@ pub fn parse(args: Vec<OsString>, env: Env) -> Result<Command, ConfigError> {
         layout: Layout {
             etcd_prefix: etcd_prefix(&prefix)?,
             root: dns_root_labels(&dns_root)?,
-            default_category: category
-                .split(',')
-                .map(|c| label("category", c))
-                .collect::<Result<_, _>>()
-                .map_err(|e| ConfigError(format!("--default-category: {e}")))?,
+            default_category,
             default_ttl: timeout_secs as u32,
         },
         timeout: Duration::from_secs(timeout_secs),
@@ -436,8 +454,13 @@ fn parse_provide(args: Vec<OsString>, env: Env) -> Result<Command, ConfigError> 
         default_category: vec!["services".into()],
         default_ttl: 30,
     };
-    crate::provide::parse(&q, std::net::Ipv4Addr::LOCALHOST.into(), &probe_layout)
+    let probe = crate::provide::parse(&q, std::net::Ipv4Addr::LOCALHOST.into(), &probe_layout)
         .map_err(|e| ConfigError(format!("provide: {e}")))?;
+    if let Some(r) = probe.reserved() {
+        return Err(ConfigError(format!(
+            "--category: names under {r:?} are reserved for the DNS server's own records"
+        )));
+    }
     Ok(Command::Provide(SidecarConfig {
         servers,
         query: q,
@@ -629,8 +652,8 @@ fn go_style_flag(arg: OsString) -> OsString {
 
 /// `:8053` means every interface, IPv6 and IPv4 (falling back to IPv4 only
 /// where IPv6 is off); anything else is resolved as `host:port`.
-fn listen_addrs(raw: &str) -> Result<Vec<SocketAddr>, ConfigError> {
-    let bad = |why: &str| ConfigError(format!("--listen-addr: {raw:?} {why}"));
+fn listen_addrs(flag: &str, raw: &str) -> Result<Vec<SocketAddr>, ConfigError> {
+    let bad = |why: &str| ConfigError(format!("{flag}: {raw:?} {why}"));
     if let Some(port) = raw.strip_prefix(':') {
         let port: u16 = port.parse().map_err(|_| bad("has no valid port"))?;
         return Ok(vec![
@@ -688,10 +711,19 @@ fn dns_root_labels(raw: &str) -> Result<Vec<String>, ConfigError> {
     if name.is_empty() {
         return Err(ConfigError("--dns-root: must name a domain".into()));
     }
-    name.split('.')
+    let labels: Vec<String> = name
+        .split('.')
         .map(|l| label("label", l))
         .collect::<Result<_, _>>()
-        .map_err(|e| ConfigError(format!("--dns-root: {raw:?}: {e}")))
+        .map_err(|e| ConfigError(format!("--dns-root: {raw:?}: {e}")))?;
+    // Reverse (PTR) records live under `<etcd-prefix>/arpa/`: a root there
+    // would put registrations among them.
+    if labels.last().is_some_and(|l| l == "arpa") {
+        return Err(ConfigError(format!(
+            "--dns-root: {raw:?} is in the arpa tree, which is reserved for reverse lookups"
+        )));
+    }
+    Ok(labels)
 }
 
 #[cfg(test)]
@@ -747,6 +779,10 @@ mod tests {
             (&["--timeout", "x"], "--timeout"),
             (&["--timeout"], "--timeout"),
             (&["--listen-addr", "nope"], "--listen-addr"),
+            (&["--admin-listen-addr", "nope"], "--admin-listen-addr"),
+            (&["--default-category", "ns,dns"], "--default-category"),
+            (&["--default-category", "arpa"], "--default-category"),
+            (&["--dns-root", "in-addr.arpa."], "--dns-root"),
             (&["--etcd-api", "ftp://x:1"], "--etcd-api"),
             (&["--dns-root", "a..b"], "--dns-root"),
             (&["--default-category", "a/b"], "--default-category"),
@@ -763,6 +799,44 @@ mod tests {
             let e = serve(args).unwrap_err().to_string();
             assert!(e.contains(flag), "{args:?}: {e}");
         }
+    }
+
+    #[test]
+    fn admin_listener_is_optional_and_from_the_environment_too() {
+        assert_eq!(serve(&[]).unwrap().admin_listen, None);
+        let c = serve(&["--admin-listen-addr", "127.0.0.1:9100"]).unwrap();
+        assert_eq!(c.admin_listen.unwrap()[0].to_string(), "127.0.0.1:9100");
+        let env = |k: &str| (k == "SKYAPI_ADMIN_LISTEN_ADDR").then(|| ":9100".to_string());
+        let Command::Serve(c) = parse(Vec::new(), &env).unwrap() else {
+            panic!("not a server command");
+        };
+        assert_eq!(c.admin_listen.unwrap()[0].to_string(), "[::]:9100");
+    }
+
+    #[test]
+    fn the_sidecar_refuses_reserved_names_before_connecting() {
+        let args = |cat: &str| -> Vec<OsString> {
+            [
+                "provide",
+                "--server",
+                "ws://127.0.0.1:1",
+                "--service",
+                "foo",
+                "--port",
+                "1",
+                "--category",
+                cat,
+            ]
+            .iter()
+            .map(OsString::from)
+            .collect()
+        };
+        let e = parse(args("ns,dns"), &|_| None).unwrap_err().to_string();
+        assert!(e.contains("--category") && e.contains("dns"), "{e}");
+        assert!(matches!(
+            parse(args("dns,services"), &|_| None),
+            Ok(Command::Provide(_))
+        ));
     }
 
     #[test]

@@ -13,10 +13,16 @@
 //!   for `--timeout`; pings go out every `--timeout`/3, so a live client
 //!   gets at least two chances to answer;
 //! - what a peer sends is bounded (`config::Limits`): the head's size and
-//!   time, frames and messages, and the message rate (a token bucket).
+//!   time, frames and messages, and the message rate (a token bucket over
+//!   every message, pings and pongs included, plus a byte budget for frames
+//!   that never make a message);
+//! - a registration's token is checked before the upgrade and again
+//!   whenever the token file is reloaded: a name no longer granted is closed
+//!   with 1008 "token revoked".
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -26,12 +32,13 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
-use crate::auth;
+use crate::auth::{self, TokenId};
+use crate::endpoints::Listener;
 use crate::http::{self, Head, HeadError};
 use crate::metrics::{self, Removal};
 use crate::provide::{self, Entry, Registration};
 use crate::server::Shared;
-use crate::transport::{is_timeout, Socket, Transport};
+use crate::transport::{is_over_budget, is_timeout, Bucket, Socket, Transport};
 use crate::worker::{Ack, ConnId};
 
 /// A blocked write (a client that reads nothing) fails after this.
@@ -45,6 +52,9 @@ const ACK_FIRST_WAIT: Duration = Duration::from_secs(1);
 const ACK_POLL: Duration = Duration::from_millis(50);
 /// How many seconds' worth of `--max-message-rate` a client may send at once.
 const MSG_BURST_SECS: f64 = 5.0;
+/// Bytes allowed per message beyond its payload: a websocket frame header
+/// (at most 14) and a TLS record's overhead (under 100), with room.
+const FRAME_OVERHEAD: usize = 256;
 
 /// Small buffers and caps: tungstenite's defaults (128 KiB buffers, 64 MiB
 /// messages) are for data streams, not for ten thousand idle registrations.
@@ -72,6 +82,13 @@ pub struct Live {
     pub since: SystemTime,
     /// True once etcd has stored the entry.
     pub stored: bool,
+    /// The name relative to the root, labels left to right.
+    pub labels: Vec<String>,
+    /// The token that authorised it (`None` without `--token-file`).
+    pub token: Option<TokenId>,
+    /// Set when a reloaded token file no longer grants the name; the
+    /// connection then closes with 1008 "token revoked".
+    pub revoked: Arc<AtomicBool>,
 }
 
 /// Serves one accepted connection to its end: wraps it in TLS when the
@@ -88,14 +105,34 @@ pub fn serve(shared: &Arc<Shared>, id: ConnId, stream: TcpStream, peer: SocketAd
     let socket = Socket::new(stream);
     match &shared.tls {
         Some(config) => match rustls::ServerConnection::new(config.clone()) {
-            Ok(conn) => serve_on(shared, id, rustls::StreamOwned::new(conn, socket), peer),
+            Ok(conn) => serve_on(
+                shared,
+                id,
+                rustls::StreamOwned::new(conn, socket),
+                peer,
+                Listener::Main,
+            ),
             Err(e) => warn!("{peer}: cannot start TLS: {e}"),
         },
-        None => serve_on(shared, id, socket, peer),
+        None => serve_on(shared, id, socket, peer, Listener::Main),
     }
 }
 
-fn serve_on<T: Transport>(shared: &Arc<Shared>, id: ConnId, mut stream: T, peer: SocketAddr) {
+/// Serves one connection of the admin listener (plain HTTP, endpoints
+/// only), under the same head limits as the main listener.
+pub fn serve_admin(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+    // Best effort, as in `serve`.
+    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+    serve_on(shared, 0, Socket::new(stream), peer, Listener::Admin);
+}
+
+fn serve_on<T: Transport>(
+    shared: &Arc<Shared>,
+    id: ConnId,
+    mut stream: T,
+    peer: SocketAddr,
+    on: Listener,
+) {
     let limits = shared.limits;
     let deadline = Instant::now() + limits.handshake_timeout;
     let head = match http::read_head(&mut stream, deadline, limits.max_head) {
@@ -123,8 +160,8 @@ fn serve_on<T: Transport>(shared: &Arc<Shared>, id: ConnId, mut stream: T, peer:
         }
     };
     match head.path.as_str() {
-        "/provide" => provide(shared, id, stream, peer, head),
-        _ => crate::endpoints::serve(shared, &mut stream, &head),
+        "/provide" if on == Listener::Main => provide(shared, id, stream, peer, head),
+        _ => crate::endpoints::serve(shared, &mut stream, &head, on),
     }
 }
 
@@ -152,6 +189,7 @@ struct Registered<'a> {
     shared: &'a Shared,
     conn: ConnId,
     key: String,
+    revoked: Arc<AtomicBool>,
 }
 
 impl<'a> Registered<'a> {
@@ -161,7 +199,9 @@ impl<'a> Registered<'a> {
         r: &Registration,
         e: &Entry,
         peer: SocketAddr,
+        token: Option<TokenId>,
     ) -> Self {
+        let revoked = Arc::new(AtomicBool::new(false));
         shared.live_registrations().insert(
             conn,
             Live {
@@ -175,6 +215,9 @@ impl<'a> Registered<'a> {
                 peer,
                 since: SystemTime::now(),
                 stored: false,
+                labels: r.relative_labels().iter().map(|l| l.to_string()).collect(),
+                token,
+                revoked: revoked.clone(),
             },
         );
         shared.metrics.connection_opened();
@@ -182,6 +225,7 @@ impl<'a> Registered<'a> {
             shared,
             conn,
             key: e.key.clone(),
+            revoked,
         }
     }
 
@@ -217,30 +261,36 @@ fn provide<T: Transport>(
     let parsed = provide::parse(&head.query, peer_ip(&peer), &shared.layout);
     // Access control answers in HTTP, before the upgrade: a client that may
     // not register gets no websocket at all.
-    if let Some(tokens) = shared.tokens() {
-        let query_token = provide::token_param(&head.query);
-        let presented = auth::presented_token(head.header("authorization"), query_token.as_deref());
-        let service = parsed.as_ref().map(|r| r.service.as_str()).unwrap_or("");
-        match tokens.check(presented, service) {
-            Ok(()) => {}
-            Err(auth::Denied::Unauthenticated) => {
-                info!("{peer}: /provide without a valid token: 401");
-                shared.metrics.registration(metrics::Registration::Refused);
-                return plain(&mut stream, 401, "a valid bearer token is required");
-            }
-            // A parameter error is reported as such below, once upgraded.
-            Err(auth::Denied::Forbidden) if parsed.is_ok() => {
-                info!("{peer}: token not allowed for service {service}: 403");
-                shared.metrics.registration(metrics::Registration::Refused);
-                return plain(
-                    &mut stream,
+    let tokens = shared.tokens();
+    let query_token = provide::token_param(&head.query);
+    let presented = auth::presented_token(head.header("authorization"), query_token.as_deref());
+    let token = match auth::authorise(tokens.as_deref(), presented, parsed.as_ref().ok()) {
+        Ok(token) => token,
+        Err(denied) => {
+            shared.metrics.registration(metrics::Registration::Refused);
+            let (status, why) = match denied {
+                auth::Denied::Unauthenticated => {
+                    (401, "a valid bearer token is required".to_string())
+                }
+                auth::Denied::Reserved(label) => (
                     403,
-                    &format!("this token may not register {service}"),
-                );
-            }
-            Err(auth::Denied::Forbidden) => {}
+                    format!(
+                        "names under {label}.{} are reserved for the DNS server's own records",
+                        shared.layout.root_name()
+                    ),
+                ),
+                auth::Denied::Forbidden => {
+                    let name = parsed
+                        .as_ref()
+                        .map(|r| r.relative_name())
+                        .unwrap_or_default();
+                    (403, format!("this token may not register {name}"))
+                }
+            };
+            info!("{peer}: /provide refused: {why}: {status}");
+            return plain(&mut stream, status, &why);
         }
-    }
+    };
     if let Ok(r) = &parsed {
         if shared.host_must_match_peer && !host_is_peer(&r.host, &peer) {
             info!("{peer}: host {} is not the peer's address: 403", r.host);
@@ -304,7 +354,14 @@ fn provide<T: Transport>(
     // Queued before the 101 is written, so etcd works while it travels; the
     // guard takes it back if the upgrade then fails.
     let ack = shared.worker.register(id, &entry.key, &entry.value);
-    let registered = Registered::new(shared, id, &registration, &entry, peer);
+    let registered = Registered::new(shared, id, &registration, &entry, peer, token);
+    // A reload between the check above and the listing just made would
+    // have missed this connection: check against the file in force now.
+    if let (Some(token), Some(now)) = (token, shared.tokens()) {
+        if !auth::still_granted(&now, &token, &registration.relative_labels()) {
+            registered.revoked.store(true, Ordering::SeqCst);
+        }
+    }
     if http::switch_protocols(&mut stream, &accept_key).is_err() {
         shared
             .metrics
@@ -407,13 +464,23 @@ fn hold<T: Transport>(
     let mut next_ping = last_heard + ping_every;
     let mut first_wait = true;
     let rate = shared.limits.message_rate;
-    let burst = rate * MSG_BURST_SECS;
-    let mut tokens = burst;
-    let mut last_refill = Instant::now();
+    let mut bucket = Bucket::new(rate, rate * MSG_BURST_SECS);
+    // Bytes too, for frames that never make a message: as many as the
+    // message rate at the largest message size, plus room for each one's
+    // frame header and TLS record overhead.
+    let bytes = rate * (shared.limits.max_message + FRAME_OVERHEAD) as f64;
+    ws.get_mut()
+        .socket()
+        .limit_rate(bytes, bytes * MSG_BURST_SECS);
 
     loop {
         if shared.is_shutting_down() {
             return closed_by_shutdown(shared, ws);
+        }
+        if registered.revoked.load(Ordering::SeqCst) {
+            info!("{who}: its token no longer grants {}: closing", entry.name);
+            close(ws, CloseCode::Policy, "token revoked", None, true);
+            return Removal::Revoked;
         }
         if !*acked {
             // The first wait blocks: with etcd up the answer comes in about a
@@ -506,27 +573,20 @@ fn hold<T: Transport>(
         match ws.read() {
             Ok(msg) => {
                 last_heard = Instant::now();
-                match msg {
-                    Message::Close(_) => {
-                        // tungstenite queued the close reply; send it.
-                        let _ = ws.flush();
-                        return Removal::Close;
-                    }
-                    Message::Text(_) | Message::Binary(_) => {
-                        let elapsed = last_heard.duration_since(last_refill).as_secs_f64();
-                        last_refill = last_heard;
-                        tokens = (tokens + elapsed * rate).min(burst) - 1.0;
-                        if tokens < 0.0 {
-                            shared.limit_hit(
-                                "--max-message-rate",
-                                &format!("{who}: client floods messages: closing"),
-                            );
-                            close(ws, CloseCode::Policy, "too many messages", None, true);
-                            return Removal::Error;
-                        }
-                    }
-                    // Pongs prove liveness; tungstenite answers pings itself.
-                    _ => {}
+                if let Message::Close(_) = msg {
+                    // tungstenite queued the close reply; send it.
+                    let _ = ws.flush();
+                    return Removal::Close;
+                }
+                // Every message counts, pings and pongs too: tungstenite
+                // answers each ping, so a ping flood costs as much as any.
+                if !bucket.take(last_heard, 1.0) {
+                    shared.limit_hit(
+                        "--max-message-rate",
+                        &format!("{who}: client floods messages: closing"),
+                    );
+                    close(ws, CloseCode::Policy, "too many messages", None, true);
+                    return Removal::Error;
                 }
             }
             // A timeout is the moment to ping or give up (loop top); an
@@ -541,6 +601,14 @@ fn hold<T: Transport>(
                     tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
                         Removal::Close
                     }
+                    tungstenite::Error::Io(e) if is_over_budget(&e) => {
+                        shared.limit_hit(
+                            "--max-message-rate",
+                            &format!("{who}: client floods frames: closing"),
+                        );
+                        close(ws, CloseCode::Policy, "too many messages", None, true);
+                        Removal::Error
+                    }
                     tungstenite::Error::Capacity(c) => {
                         shared.limit_hit("--max-message-size", &format!("{who}: {c}: closing"));
                         close(ws, CloseCode::Size, "message too big", None, false);
@@ -549,6 +617,13 @@ fn hold<T: Transport>(
                     tungstenite::Error::Protocol(
                         tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
                     ) => Removal::Close,
+                    // A text message or close reason that is not UTF-8
+                    // (RFC 6455 7.1.7: fail the connection with 1007).
+                    tungstenite::Error::Utf8(e) => {
+                        info!("{who}: invalid UTF-8 ({e}): closing");
+                        close(ws, CloseCode::Invalid, "invalid UTF-8", None, false);
+                        Removal::Error
+                    }
                     tungstenite::Error::Protocol(p) => {
                         info!("{who}: protocol error: {p}: closing");
                         close(ws, CloseCode::Protocol, "protocol error", None, false);

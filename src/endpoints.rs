@@ -1,25 +1,79 @@
-//! The plain HTTP endpoints served beside `/provide` on the same listener:
-//! `/healthz`, `/metrics` and `/services`.
+//! The plain HTTP endpoints: `/healthz`, `/metrics` and `/services`, and who
+//! may read them on which listener.
 //!
 //! They answer from state the server already holds (the worker's last known
 //! view of etcd, counters, the live registrations), never with an etcd round
 //! trip, so monitoring that polls them costs etcd nothing.
+//!
+//! Exposure, decided here only:
+//! - `/healthz` is open everywhere: load balancers probe it, and it says no
+//!   more than whether etcd answers;
+//! - `/metrics` and `/services` (every provider's address) are "admin"
+//!   endpoints. With `--admin-listen-addr` they are served only there (open:
+//!   that address is private by the operator's choice) and the main listener
+//!   answers 404. Without it they stay on the main listener: open without
+//!   `--token-file`, and with it only to a bearer token granted `@admin`
+//!   (401 without a known token, 403 with another).
 
 use std::io::Write;
 use std::time::UNIX_EPOCH;
 
+use log::info;
+
+use crate::auth::{self, Denied};
 use crate::connection::plain;
 use crate::http::{self, Head};
 use crate::provide;
 use crate::server::Shared;
 
-pub fn serve(shared: &Shared, stream: &mut dyn Write, head: &Head) {
+/// Which listener a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// `--listen-addr`: `/provide` and, unless an admin listener exists,
+    /// the admin endpoints under the rules above.
+    Main,
+    /// `--admin-listen-addr`: the endpoints only, open.
+    Admin,
+}
+
+pub fn serve(shared: &Shared, stream: &mut dyn Write, head: &Head, on: Listener) {
     let path = head.path.as_str();
     if !matches!(path, "/healthz" | "/metrics" | "/services") {
         return plain(stream, 404, &format!("no such endpoint: {}", short(path)));
     }
     if head.method != "GET" {
         return plain(stream, 405, &format!("{path} takes GET"));
+    }
+    if path != "/healthz" && on == Listener::Main {
+        if shared.admin_listener {
+            return plain(
+                stream,
+                404,
+                &format!("{path} is served on the admin listener (--admin-listen-addr)"),
+            );
+        }
+        if let Some(tokens) = shared.tokens() {
+            // Header only: a token in a URL ends up in proxies' logs.
+            let presented = auth::presented_token(head.header("authorization"), None);
+            let verdict = tokens.authenticate(presented).and_then(|id| {
+                if tokens.grants_admin(&id) {
+                    Ok(())
+                } else {
+                    Err(Denied::Forbidden)
+                }
+            });
+            match verdict {
+                Ok(()) => {}
+                Err(Denied::Unauthenticated) => {
+                    info!("GET {path} without a valid token: 401");
+                    return plain(stream, 401, "a valid bearer token is required");
+                }
+                Err(_) => {
+                    info!("GET {path} with a token not granted @admin: 403");
+                    return plain(stream, 403, &format!("this token may not read {path}"));
+                }
+            }
+        }
     }
     match path {
         "/healthz" => healthz(shared, stream),

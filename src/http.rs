@@ -2,9 +2,10 @@
 //! and a deadline, routing it, and writing plain responses.
 //!
 //! Every connection starts here, websocket or not, so the limits are the
-//! same for all paths: a head larger than `--max-head-size` gets 431, a head not
-//! complete within the handshake deadline is dropped (slowloris), and a
-//! malformed one gets 400. Plain responses always close the connection.
+//! same for all paths: a head larger than `--max-head-size` gets 431 (the
+//! cap is exact: no read goes past it), a head not complete within the
+//! handshake deadline is dropped (slowloris), and a malformed one gets 400.
+//! Plain responses always close the connection.
 //!
 //! The websocket upgrade itself is answered here too (101 with the accept
 //! key from tungstenite), because the head has already been read: handing
@@ -59,9 +60,9 @@ pub enum HeadError {
     Malformed(String),
 }
 
-/// Reads one request head of at most `max_head` bytes from `stream`,
-/// failing at `deadline`. With TLS the TLS handshake happens here too, under
-/// the same deadline.
+/// Reads one request head of at most `max_head` bytes (request line,
+/// headers and the blank line) from `stream`, failing at `deadline`. With
+/// TLS the TLS handshake happens here too, under the same deadline.
 pub fn read_head<T: Transport>(
     stream: &mut T,
     deadline: Instant,
@@ -71,7 +72,11 @@ pub fn read_head<T: Transport>(
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
-        let n = match stream.read(&mut chunk) {
+        // Never more than the cap: a head of exactly `max_head` bytes fits,
+        // one byte more is refused. Bytes after the head (a first frame) are
+        // left to the websocket, which reads the socket next.
+        let room = (max_head - buf.len()).min(chunk.len());
+        let n = match stream.read(&mut chunk[..room]) {
             Ok(0) => return Err(HeadError::Gone),
             Ok(n) => n,
             Err(e) if is_timeout(&e) => return Err(HeadError::TimedOut),

@@ -3,7 +3,8 @@
 //!
 //! Modules, by concern:
 //! - `config`: flags into a validated `Config`;
-//! - `auth`: the token file and access checks for `/provide`;
+//! - `admin`: the admin listener for the read endpoints;
+//! - `auth`: the token file and access checks (names, reserved labels, @admin);
 //! - `provide`: the `/provide` contract: parameters, ids, keys, values;
 //! - `http`: request heads, routing helpers and plain responses;
 //! - `connection`: one thread per connection: handshake and ping loop;
@@ -23,6 +24,7 @@
 //! - `error`: the error types of each boundary.
 
 pub mod activation;
+pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod connection;

@@ -44,41 +44,48 @@ impl Listeners {
     /// that binds. Call before any thread starts (see `activation::take`).
     pub fn open(candidates: &[SocketAddr]) -> Result<Listeners, String> {
         let passed = activation::take()?;
-        let activated = !passed.is_empty();
-        let sockets: Vec<TcpListener> = if activated {
-            let list: Vec<String> = passed
-                .iter()
-                .map(|p| {
-                    let addr = p
-                        .listener
-                        .local_addr()
-                        .map_or_else(|e| format!("? ({e})"), |a| a.to_string());
-                    match &p.name {
-                        Some(n) => format!("fd {} {n:?} on {addr}", p.fd),
-                        None => format!("fd {} on {addr}", p.fd),
-                    }
-                })
-                .collect();
-            info!(
-                "socket activation: serving on what the service manager passed ({}); --listen-addr is not bound",
-                list.join(", ")
+        if passed.is_empty() {
+            return Listeners::bind(candidates);
+        }
+        let list: Vec<String> = passed
+            .iter()
+            .map(|p| {
+                let addr = p
+                    .listener
+                    .local_addr()
+                    .map_or_else(|e| format!("? ({e})"), |a| a.to_string());
+                match &p.name {
+                    Some(n) => format!("fd {} {n:?} on {addr}", p.fd),
+                    None => format!("fd {} on {addr}", p.fd),
+                }
+            })
+            .collect();
+        info!(
+            "socket activation: serving on what the service manager passed ({}); \
+             --listen-addr is not bound",
+            list.join(", ")
+        );
+        Listeners::new(passed.into_iter().map(|p| p.listener).collect(), true)
+    }
+
+    /// The first of `candidates` that binds, whatever systemd passed.
+    pub fn bind(candidates: &[SocketAddr]) -> Result<Listeners, String> {
+        let l = bind(candidates)?;
+        // std binds with a backlog of 128: a fleet reconnecting at once after
+        // a restart would see SYN retries (a second each). Listening again on
+        // the bound socket raises it (the kernel caps it at
+        // net.core.somaxconn).
+        // SAFETY: listen(2) on the listener's own descriptor.
+        if unsafe { libc::listen(l.as_raw_fd(), LISTEN_BACKLOG) } != 0 {
+            warn!(
+                "cannot raise the listen backlog: {}",
+                std::io::Error::last_os_error()
             );
-            passed.into_iter().map(|p| p.listener).collect()
-        } else {
-            let l = bind(candidates)?;
-            // std binds with a backlog of 128: a fleet reconnecting at once
-            // after a restart would see SYN retries (a second each).
-            // Listening again on the bound socket raises it (the kernel
-            // caps it at net.core.somaxconn).
-            // SAFETY: listen(2) on the listener's own descriptor.
-            if unsafe { libc::listen(l.as_raw_fd(), LISTEN_BACKLOG) } != 0 {
-                warn!(
-                    "cannot raise the listen backlog: {}",
-                    std::io::Error::last_os_error()
-                );
-            }
-            vec![l]
-        };
+        }
+        Listeners::new(vec![l], false)
+    }
+
+    fn new(sockets: Vec<TcpListener>, activated: bool) -> Result<Listeners, String> {
         let mut addrs = Vec::with_capacity(sockets.len());
         for s in &sockets {
             // A poll that finds a socket ready must not then block in

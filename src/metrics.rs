@@ -78,9 +78,11 @@ pub enum Removal {
     PingTimeout,
     Error,
     Shutdown,
+    /// A reloaded token file no longer grants the name.
+    Revoked,
 }
 
-const REMOVAL_REASONS: [&str; 4] = ["close", "ping_timeout", "error", "shutdown"];
+const REMOVAL_REASONS: [&str; 5] = ["close", "ping_timeout", "error", "shutdown", "revoked"];
 
 impl Removal {
     /// The label value, also used in log lines.
@@ -134,7 +136,7 @@ pub struct Metrics {
     timeout_secs: AtomicU64,
     limit_hits: [AtomicU64; LIMITS.len()],
     registrations: [AtomicU64; 3],
-    removals: [AtomicU64; 4],
+    removals: [AtomicU64; REMOVAL_REASONS.len()],
     etcd_requests: [[AtomicU64; 4]; 6],
     etcd_latency: [Histogram; 6],
     lease_regrants: AtomicU64,

@@ -11,7 +11,10 @@
 //!   port), so a mixed fleet agrees on keys;
 //! - the value is always the documented JSON and always carries `ttl`
 //!   (CoreDNS before 1.12.4 served the lease id as TTL without it,
-//!   CVE-2025-58063).
+//!   CVE-2025-58063);
+//! - the subtrees the DNS servers keep for themselves (`RESERVED`) are
+//!   named here, and `Registration::reserved` says whether a name falls in
+//!   one; access control (`auth`) refuses those names for everyone.
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
@@ -24,6 +27,23 @@ use crate::error::Refusal;
 pub const MAX_PREFIX_LEN: usize = 63 - 21;
 /// Longest DNS TTL a client may ask for (RFC 2181: 2^31 - 1).
 pub const MAX_DNS_TTL: u32 = 2_147_483_647;
+
+/// Labels directly under the DNS root that SkyDNS and CoreDNS read for
+/// their own records, never as services:
+/// - `dns`: NS records live at `ns.dns.<root>` (both servers answer
+///   `<root> NS` from there) and SkyDNS's stub zones (forwarders for whole
+///   domains) at `stub.dns.<root>`;
+/// - `arpa`: reverse (PTR) lookups read `<etcd-prefix>/arpa/...`, outside
+///   any root that is not itself under `arpa`; `arpa` directly under the
+///   root is refused too, so no registered name can pass for one.
+pub const RESERVED: [&str; 2] = ["dns", "arpa"];
+
+/// The reserved label that a name's labels (left to right, relative to the
+/// root) fall under, if any: the last one, the label right below the root.
+pub fn reserved_label<S: AsRef<str>>(labels: &[S]) -> Option<&'static str> {
+    let top = labels.last()?.as_ref();
+    RESERVED.iter().copied().find(|r| *r == top)
+}
 
 /// Where entries live in etcd and which DNS names they get; fixed at start-up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,6 +239,24 @@ impl Registration {
             Some(prefix) => format!("{prefix}-{}", &hex[..20]),
             None => hex,
         }
+    }
+
+    /// The name relative to the root, as labels left to right:
+    /// `[service, category...]`. This is what a token must be granted.
+    pub fn relative_labels(&self) -> Vec<&str> {
+        std::iter::once(self.service.as_str())
+            .chain(self.category.iter().map(String::as_str))
+            .collect()
+    }
+
+    /// The relative name as text: `foo.services.production`.
+    pub fn relative_name(&self) -> String {
+        self.relative_labels().join(".")
+    }
+
+    /// The reserved label this name falls under (see `RESERVED`), if any.
+    pub fn reserved(&self) -> Option<&'static str> {
+        reserved_label(&self.category)
     }
 
     /// The DNS name clients resolve: `<service>.<category...>.<root>`.
@@ -536,6 +574,8 @@ mod tests {
                 Just("%ff".to_string()),
                 Just("fο".to_string()),
                 Just(",".to_string()),
+                Just("dns".to_string()),
+                Just("arpa".to_string()),
                 Just("&".to_string()),
                 Just("=".to_string()),
                 "\\PC{0,8}",
@@ -582,6 +622,12 @@ mod tests {
                     let rest = e.key.strip_prefix(&l.root_dir()).expect("under the root");
                     let segments: Vec<&str> = rest.split('/').collect();
                     prop_assert_eq!(segments.len(), r.category.len() + 2);
+                    // `reserved` names exactly the keys written under a
+                    // reserved subtree, which access control then refuses.
+                    prop_assert_eq!(
+                        r.reserved().is_some(),
+                        RESERVED.contains(&segments[0])
+                    );
                     for s in &segments {
                         prop_assert!(!s.is_empty() && s.len() <= 63);
                         prop_assert!(s.bytes().all(|b| b.is_ascii_lowercase()

@@ -3,8 +3,15 @@
 //! on SIGTERM or SIGINT.
 //!
 //! Invariants:
-//! - a connection beyond `--max-connections` gets 503 before a thread is
-//!   spent on it;
+//! - a connection beyond `--max-connections` gets 503 before a connection
+//!   thread is spent on it; under TLS the 503 needs a handshake, done on one
+//!   of at most `BUSY_TLS_THREADS` short-lived threads within `BUSY_TLS_WAIT`
+//!   (beyond that the connection is dropped), so the accept loop never waits
+//!   on a peer and a flood cannot take more threads than that;
+//! - a token file reload closes every live registration its token no longer
+//!   grants (1008 "token revoked"), and touches no other;
+//! - the admin listener (`--admin-listen-addr`, see `admin`) is bound before
+//!   `listening on` is logged and stopped with the main one;
 //! - `accept()` errors (out of file descriptors, ...) are logged and retried
 //!   after a pause, never fatal;
 //! - shutdown is: stop accepting, stop the worker, send every client a
@@ -17,7 +24,8 @@
 //!   still release the registration and the connection slot.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -26,14 +34,16 @@ use std::time::{Duration, Instant};
 use log::{error, info, warn};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
-use crate::auth::Tokens;
+use crate::auth::{self, Tokens};
 use crate::config::{Config, Limits};
 use crate::connection::{self, Live};
 use crate::etcd::EtcdStore;
+use crate::http;
 use crate::listen::Listeners;
 use crate::metrics::{Metered, Metrics};
 use crate::provide::Layout;
 use crate::supervisor::{self, Supervisor};
+use crate::transport::Socket;
 use crate::worker::{self, ConnId, SharedHealth, Stop, WorkerHandle};
 
 /// Stack of a connection thread. The deepest path (handshake, JSON, logging)
@@ -53,6 +63,12 @@ const RESTART_WORKER_WAIT: Duration = Duration::from_millis(300);
 const RESTART_DRAIN_WAIT: Duration = Duration::from_millis(600);
 /// Interrupts connection threads at shutdown (see `Shared::threads`).
 const WAKE_SIGNAL: i32 = signal_hook::consts::SIGUSR2;
+/// Threads at most answering 503 under TLS beyond `--max-connections`.
+const BUSY_TLS_THREADS: usize = 16;
+/// The whole life of such a thread: handshake, 503, close.
+const BUSY_TLS_WAIT: Duration = Duration::from_secs(1);
+/// How long revoked connections are woken for until they have closed.
+const REVOKE_WAKE_FOR: Duration = Duration::from_secs(2);
 
 /// State every connection thread sees.
 pub struct Shared {
@@ -69,6 +85,11 @@ pub struct Shared {
     pub host_must_match_peer: bool,
     /// Stop by revoking (close 1001) rather than as a restart (close 1012).
     pub revoke_on_exit: bool,
+    /// `--admin-listen-addr` is set: `/metrics` and `/services` are served
+    /// there only.
+    pub admin_listener: bool,
+    /// Threads answering 503 under TLS (see `BUSY_TLS_THREADS`).
+    busy_tls: AtomicUsize,
     /// The token file in force (`None`: no access control). Replaced whole
     /// on SIGHUP, so a request sees one version of it.
     tokens: RwLock<Option<Arc<Tokens>>>,
@@ -101,12 +122,17 @@ impl Shared {
     /// looks at the shutdown flag now rather than at its next timeout.
     fn wake_connections(&self) {
         for thread in self.threads().values() {
-            // SAFETY: listed threads are alive (see `threads`); the signal
-            // has a no-op handler, installed in `run`.
-            unsafe {
-                libc::pthread_kill(thread.0, WAKE_SIGNAL);
-            }
+            thread.wake();
         }
+    }
+
+    /// Wakes the threads of `ids` that are still open; returns how many.
+    fn wake(&self, ids: &[ConnId]) -> usize {
+        let threads = self.threads();
+        ids.iter()
+            .filter_map(|id| threads.get(id))
+            .map(Thread::wake)
+            .count()
     }
 
     /// Logs that a limit was hit, at most once per `LIMIT_LOG_EVERY` per
@@ -137,18 +163,62 @@ impl Shared {
     }
 
     /// Re-reads the token file; a file that does not parse leaves the old
-    /// one in force.
-    fn reload_tokens(&self) {
+    /// one in force. Live registrations the new file no longer grants are
+    /// closed.
+    fn reload_tokens(self: &Arc<Self>) {
         let Some(path) = &self.token_file else {
             info!("SIGHUP: no --token-file to reload");
             return;
         };
-        match Tokens::load(path) {
+        match Tokens::load(path, &self.layout.default_category) {
             Ok(t) => {
                 info!("SIGHUP: token file reloaded ({} grants)", t.len());
-                *self.tokens.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(t));
+                let t = Arc::new(t);
+                // Replaced before the live list is read: a connection listed
+                // after this reads the new file itself (see connection.rs).
+                *self.tokens.write().unwrap_or_else(|p| p.into_inner()) = Some(t.clone());
+                self.revoke_ungranted(&t);
             }
             Err(e) => error!("SIGHUP: {e}; keeping the token file loaded before"),
+        }
+    }
+
+    /// Flags every live registration whose token no longer grants its name
+    /// and wakes its thread, which closes it with 1008 "token revoked".
+    fn revoke_ungranted(self: &Arc<Self>, tokens: &Tokens) {
+        let revoked: Vec<ConnId> = self
+            .live_registrations()
+            .iter()
+            .filter(|(_, l)| {
+                l.token
+                    .is_some_and(|id| !auth::still_granted(tokens, &id, &l.labels))
+                    && !l.revoked.swap(true, Ordering::SeqCst)
+            })
+            .map(|(conn, l)| {
+                warn!(
+                    "SIGHUP: token no longer grants {} (peer {}): closing it",
+                    l.name, l.peer
+                );
+                *conn
+            })
+            .collect();
+        if revoked.is_empty() {
+            return;
+        }
+        // Woken again every 100 ms, as at shutdown: a thread between its
+        // flag check and its read would otherwise sleep to its next ping.
+        let shared = self.clone();
+        let waker = std::thread::Builder::new()
+            .name("revoke".into())
+            .spawn(move || {
+                let until = Instant::now() + REVOKE_WAKE_FOR;
+                while shared.wake(&revoked) > 0 && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            });
+        if let Err(e) = waker {
+            // They still close, at their next ping at the latest.
+            warn!("cannot start the revocation thread: {e}");
         }
     }
 
@@ -186,6 +256,16 @@ impl Shared {
 /// glibc), only ever used to signal that thread.
 struct Thread(libc::pthread_t);
 
+impl Thread {
+    fn wake(&self) {
+        // SAFETY: listed threads are alive (see `Shared::threads`); the
+        // signal has a no-op handler, installed in `run`.
+        unsafe {
+            libc::pthread_kill(self.0, WAKE_SIGNAL);
+        }
+    }
+}
+
 // SAFETY: the handle is an opaque id; sending it to another thread and
 // passing it to pthread_kill there is what it is for.
 unsafe impl Send for Thread {}
@@ -207,7 +287,8 @@ impl Drop for Slot {
 pub fn run(config: Config) -> Result<(), String> {
     let tokens = match &config.token_file {
         Some(path) => {
-            let t = Tokens::load(path).map_err(|e| format!("--token-file: {e}"))?;
+            let t = Tokens::load(path, &config.layout.default_category)
+                .map_err(|e| format!("--token-file: {e}"))?;
             info!("token file {}: {} grants", path.display(), t.len());
             Some(Arc::new(t))
         }
@@ -242,6 +323,13 @@ pub fn run(config: Config) -> Result<(), String> {
         .map(SocketAddr::to_string)
         .collect::<Vec<_>>()
         .join(", ");
+    // Always bound by skyapi: sockets passed by systemd serve /provide.
+    let admin_listener = match &config.admin_listen {
+        Some(addrs) => Some(Arc::new(
+            Listeners::bind(addrs).map_err(|e| format!("--admin-listen-addr: {e}"))?,
+        )),
+        None => None,
+    };
 
     let store = EtcdStore::new(config.etcd.clone())
         .map_err(|e| format!("cannot start the etcd worker's runtime: {e}"))?;
@@ -271,6 +359,8 @@ pub fn run(config: Config) -> Result<(), String> {
         tls,
         host_must_match_peer: config.host_must_match_peer,
         revoke_on_exit: config.revoke_on_exit,
+        admin_listener: admin_listener.is_some(),
+        busy_tls: AtomicUsize::new(0),
         tokens: RwLock::new(tokens),
         token_file: config.token_file.clone(),
         live: Mutex::new(HashMap::new()),
@@ -288,6 +378,20 @@ pub fn run(config: Config) -> Result<(), String> {
             .name("accept".into())
             .spawn(move || accept_loop(&listeners, &shared))
             .map_err(|e| format!("cannot start the accept thread: {e}"))?
+    };
+    let admin = match &admin_listener {
+        Some(l) => {
+            let shared = shared.clone();
+            let listener = l.clone();
+            let addr = l.addrs()[0];
+            let thread = std::thread::Builder::new()
+                .name("admin-accept".into())
+                .spawn(move || crate::admin::accept_loop(&listener, &shared))
+                .map_err(|e| format!("cannot start the admin accept thread: {e}"))?;
+            info!("admin endpoints (/healthz, /metrics, /services) on {addr}");
+            Some((l.clone(), thread))
+        }
+        None => None,
     };
     info!(
         "listening on {local}{} (etcd {}, root {}, timeout {}s)",
@@ -340,6 +444,11 @@ pub fn run(config: Config) -> Result<(), String> {
     listeners.wake();
     // The acceptor only ever logs; a panic there has been reported already.
     let _ = acceptor.join();
+    if let Some((l, thread)) = admin {
+        l.wake();
+        // Same as the acceptor.
+        let _ = thread.join();
+    }
 
     // The worker stops before any connection is woken, so none of their
     // closes can reach etcd (their drop guards also skip the delete once
@@ -370,39 +479,101 @@ pub fn run(config: Config) -> Result<(), String> {
     Ok(())
 }
 
-fn accept_loop(listeners: &Listeners, shared: &Arc<Shared>) {
+/// The next accepted connection; `None` once shutting down. `accept()`
+/// errors are logged and retried, never fatal. `beat` is called on every
+/// turn, at least every `supervisor::BEAT_EVERY` while idle.
+pub fn accept(
+    listeners: &Listeners,
+    shared: &Shared,
+    beat: impl Fn(),
+) -> Option<(TcpStream, SocketAddr)> {
     loop {
-        supervisor::ACCEPT.beat();
-        let (stream, peer) = match listeners.accept(supervisor::BEAT_EVERY) {
-            Ok(Some(pair)) => pair,
-            Ok(None) if shared.is_shutting_down() => return,
-            Ok(None) => continue,
+        beat();
+        match listeners.accept(supervisor::BEAT_EVERY) {
+            Ok(Some(pair)) => return (!shared.is_shutting_down()).then_some(pair),
+            Ok(None) if shared.is_shutting_down() => return None,
+            Ok(None) => {}
             Err(e) => {
                 if shared.is_shutting_down() {
-                    return;
+                    return None;
                 }
                 // EMFILE and friends: the condition passes when connections
                 // close; spinning on it would only burn a core.
                 error!("accept failed: {e}; retrying");
                 std::thread::sleep(Duration::from_millis(100));
-                continue;
             }
-        };
-        if shared.is_shutting_down() {
-            return;
         }
+    }
+}
+
+/// Answers 503 on a connection that gets no thread of its own; plain HTTP
+/// inline, bounded by a short write timeout.
+pub fn busy(stream: TcpStream) {
+    let mut stream = stream;
+    // Best effort: a peer that does not read gets nothing.
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
+    connection::plain(&mut stream, 503, "too many connections");
+}
+
+/// Answers 503 under TLS on a short-lived thread (see `BUSY_TLS_THREADS`):
+/// handshake, answer, close_notify, then a brief drain so closing does not
+/// reset the answer away, all within `BUSY_TLS_WAIT`.
+fn busy_tls(shared: &Arc<Shared>, stream: TcpStream, config: Arc<rustls::ServerConfig>) {
+    if shared.busy_tls.fetch_add(1, Ordering::SeqCst) >= BUSY_TLS_THREADS {
+        shared.busy_tls.fetch_sub(1, Ordering::SeqCst);
+        // Already counted by the caller's limit_hit; nothing to say to a
+        // peer that has not finished a handshake.
+        return;
+    }
+    let shared = shared.clone();
+    let spawned = std::thread::Builder::new()
+        .name("busy-tls".into())
+        .stack_size(CONN_STACK)
+        .spawn(move || {
+            struct Release(Arc<Shared>);
+            impl Drop for Release {
+                fn drop(&mut self) {
+                    self.0.busy_tls.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+            let _release = Release(shared);
+            let deadline = Instant::now() + BUSY_TLS_WAIT;
+            // Best effort: a socket that takes no timeout fails its writes.
+            let _ = stream.set_write_timeout(Some(BUSY_TLS_WAIT));
+            let mut socket = Socket::new(stream);
+            socket.set_deadline(Some(deadline));
+            let Ok(conn) = rustls::ServerConnection::new(config) else {
+                return;
+            };
+            let mut tls = rustls::StreamOwned::new(conn, socket);
+            // The handshake runs inside the first write.
+            if http::respond_text(&mut tls, 503, "too many connections").is_err() {
+                return;
+            }
+            tls.conn.send_close_notify();
+            // The peer may be gone; the drain below then ends at once.
+            let _ = tls.flush();
+            let _ = tls.sock.tcp().shutdown(std::net::Shutdown::Write);
+            let mut buf = [0u8; 1024];
+            while matches!(tls.sock.read(&mut buf), Ok(n) if n > 0) {}
+        });
+    if let Err(e) = spawned {
+        // The closure, and with it the stream and the count, were dropped.
+        error!("cannot start a thread to answer 503: {e}");
+    }
+}
+
+fn accept_loop(listeners: &Listeners, shared: &Arc<Shared>) {
+    while let Some((stream, peer)) = accept(listeners, shared, || supervisor::ACCEPT.beat()) {
         if shared.open.fetch_add(1, Ordering::SeqCst) >= shared.max_connections {
             shared.open.fetch_sub(1, Ordering::SeqCst);
             shared.limit_hit(
                 "--max-connections",
                 &format!("{} connections open: answering 503", shared.max_connections),
             );
-            // Plain HTTP only: a TLS client would need a handshake first,
-            // which is the thread this limit exists to save.
-            if shared.tls.is_none() {
-                let mut stream = stream;
-                let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
-                connection::plain(&mut stream, 503, "too many connections");
+            match &shared.tls {
+                None => busy(stream),
+                Some(config) => busy_tls(shared, stream, config.clone()),
             }
             continue;
         }

@@ -7,6 +7,11 @@
 //! timeout once is not enough: rustls (and any reader that loops until a
 //! record is complete) restarts the wait with every byte that arrives, so a
 //! peer trickling one byte at a time would never meet it.
+//!
+//! A websocket's socket also has a byte budget (`limit_rate`): frames that
+//! never make a message (empty continuation fragments, say) are invisible
+//! to the message count, but not to the bytes they take. Over budget, a
+//! read fails with an error `is_over_budget` recognises.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -18,6 +23,7 @@ use rustls::{ServerConnection, StreamOwned};
 pub struct Socket {
     tcp: TcpStream,
     deadline: Option<Instant>,
+    budget: Option<Bucket>,
 }
 
 impl Socket {
@@ -25,7 +31,14 @@ impl Socket {
         Socket {
             tcp,
             deadline: None,
+            budget: None,
         }
+    }
+
+    /// From now on a read fails (once) when more than `bytes_per_sec` a
+    /// second have arrived, with bursts of `burst` bytes.
+    pub fn limit_rate(&mut self, bytes_per_sec: f64, burst: f64) {
+        self.budget = Some(Bucket::new(bytes_per_sec, burst));
     }
 
     pub fn tcp(&self) -> &TcpStream {
@@ -47,7 +60,61 @@ impl Read for Socket {
             }
             self.tcp.set_read_timeout(Some(left))?;
         }
-        self.tcp.read(buf)
+        let n = self.tcp.read(buf)?;
+        if let Some(b) = &mut self.budget {
+            if !b.take(Instant::now(), n as f64) {
+                // Fails once: the caller closes, and may then drain the
+                // socket (bounded by its deadline) so the close frame is
+                // not lost to a reset.
+                self.budget = None;
+                return Err(io::Error::other(OverBudget));
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// The error of a read past the socket's byte budget.
+#[derive(Debug)]
+struct OverBudget;
+
+impl std::fmt::Display for OverBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("client over its byte budget")
+    }
+}
+
+impl std::error::Error for OverBudget {}
+
+/// Whether a read failed because the peer sent more than its budget.
+pub fn is_over_budget(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<OverBudget>())
+}
+
+/// A token bucket: `rate` a second, at most `burst` at once.
+pub struct Bucket {
+    rate: f64,
+    burst: f64,
+    left: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    pub fn new(rate: f64, burst: f64) -> Self {
+        Bucket {
+            rate,
+            burst,
+            left: burst,
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes `amount`; false once the bucket is overdrawn.
+    pub fn take(&mut self, now: Instant, amount: f64) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.left = (self.left + elapsed * self.rate).min(self.burst) - amount;
+        self.left >= 0.0
     }
 }
 

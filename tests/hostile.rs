@@ -125,11 +125,17 @@ fn run_cases(etcd: &Etcd, sky: &Skyapi, cases: &[Case]) -> Vec<String> {
 fn assert_cases(etcd: &Etcd, sky: &Skyapi, cases: &[Case]) {
     let failures = run_cases(etcd, sky, cases);
     let (mut ws, welcome) = register(&sky.url("/provide?service=after&port=1"));
+    let key = welcome["key"].as_str().unwrap_or_default().to_string();
     assert!(
-        welcome["key"].as_str().is_some_and(|k| k.starts_with(ROOT)),
+        key.starts_with(ROOT),
         "a good request after the hostile ones: {welcome}"
     );
     close(&mut ws, DELETE_WITHIN);
+    // Gone before the caller's next snapshot.
+    assert!(
+        poll_until(DELETE_WITHIN, || !etcd.get_prefix(ROOT).contains_key(&key)),
+        "{key} still in etcd after its close"
+    );
     // Log lines are split at LF; a forged one starts with injected text,
     // and no line may carry a raw CR or other control character.
     let forged: Vec<String> = sky
@@ -157,6 +163,7 @@ const TOK_WEB: &str = "tok-web-5f1c9a7e2b";
 const TOK_API: &str = "tok-api-83d04c6e11";
 const TOK_ALL: &str = "tok-all-c2b7e9015a";
 const TOK_UNKNOWN: &str = "tok-nope-00000000";
+const TOK_ADMIN: &str = "tok-admin-7d3e91b0c4";
 
 fn bearer(token: &str) -> String {
     format!("Authorization: Bearer {token}")
@@ -185,7 +192,7 @@ fn token_file_answers_401_and_403_before_any_upgrade() {
     let file = dir.write(
         "tokens",
         &format!(
-            "# grants for the hostile suite\n\n{TOK_WEB} web-*\n{TOK_API} api,db-?\n   {TOK_ALL}\t*  \n"
+            "# grants for the hostile suite\n\n{TOK_WEB} web-*\n{TOK_API} api,db-?\n   {TOK_ALL}\t*  \n{TOK_ADMIN} @admin\n"
         ),
     );
     let (etcd, sky) = start(&[
@@ -388,8 +395,14 @@ fn token_file_answers_401_and_403_before_any_upgrade() {
     }
     // Live registrations and metrics do not show tokens either.
     for path in ["/services", "/metrics"] {
-        let (code, text) = http_get(addr, path);
-        assert_eq!(code, 200, "GET {path}: {text}");
+        let got = get_with(addr, path, &[bearer(TOK_ADMIN)]);
+        let Outcome::Http {
+            status: 200,
+            body: text,
+        } = got
+        else {
+            panic!("GET {path} with the admin token: {got:?}");
+        };
         for t in [TOK_WEB, TOK_API, TOK_ALL] {
             assert!(!text.contains(t), "GET {path} shows token {t}: {text}");
         }
@@ -409,7 +422,10 @@ fn token_file_answers_401_and_403_before_any_upgrade() {
         cases.len(),
         failures.join("\n")
     );
-    assert_never_logged(&sky, &[TOK_WEB, TOK_API, TOK_ALL, TOK_UNKNOWN, truncated]);
+    assert_never_logged(
+        &sky,
+        &[TOK_WEB, TOK_API, TOK_ALL, TOK_ADMIN, TOK_UNKNOWN, truncated],
+    );
 }
 
 #[test]
@@ -426,6 +442,10 @@ fn malformed_token_file_stops_start_up_naming_the_line() {
         (format!("{TOK_WEB} web-* extra-field\n"), "line 1"),
         (format!("{TOK_WEB} web-*,\n"), "line 1"),
         (format!("{TOK_WEB} web-*\n{TOK_API} ../etc\n"), "line 2"),
+        (format!("{TOK_WEB} web-*.services..production\n"), "line 1"),
+        (format!("{TOK_WEB} foo\n{TOK_API} ns.dns\n"), "line 2"),
+        (format!("{TOK_WEB} x.in-addr.arpa\n"), "line 1"),
+        (format!("{TOK_WEB} @root\n"), "line 1"),
     ];
     for (i, (text, line)) in cases.iter().enumerate() {
         let file = dir.write(&format!("tokens-{i}"), text);
@@ -574,6 +594,463 @@ fn sighup_reloads_tokens_and_a_malformed_file_keeps_the_old_ones() {
     );
 
     assert_never_logged(&sky, &[OLD, NEW, THIRD]);
+}
+
+// ------------------------------------------------------ names and grants
+
+const TOK_FOO: &str = "tok-foo-only-1a2b3c4d";
+const TOK_NAMES: &str = "tok-names-5e6f7a8b9c";
+const TOK_STAR: &str = "tok-star-services-0d1e";
+const TOK_EVERY: &str = "tok-every-depth-2f3a4b";
+
+/// What a refusal must say: its status, and a piece of its body.
+fn refused_with(status: u16, body_has: &str, outcome: &Outcome) -> Result<(), String> {
+    match outcome {
+        Outcome::Http { status: s, body } if *s == status && body.contains(body_has) => Ok(()),
+        other => Err(format!(
+            "want HTTP {status} saying {body_has:?}, got {other:?}"
+        )),
+    }
+}
+
+/// Runs `(what, request, status, body piece)` refusals, each on a fresh
+/// connection, checking etcd's keyspace and revision are untouched; returns
+/// one line per misbehaving request.
+fn refusals(etcd: &Etcd, addr: SocketAddr, cases: &[(&str, Vec<u8>, u16, &str)]) -> Vec<String> {
+    let mut failures = Vec::new();
+    for (what, request, status, body_has) in cases {
+        let before = snapshot(etcd);
+        let (outcome, ws) = exchange(addr, request);
+        let mut problems = Vec::new();
+        if let Err(e) = refused_with(*status, body_has, &outcome) {
+            problems.push(e);
+        }
+        if let Some(mut ws) = ws {
+            close(&mut ws, DELETE_WITHIN);
+            thread::sleep(Duration::from_millis(200));
+        }
+        if let Some(diff) = snapshot_diff(&before, &snapshot(etcd)) {
+            problems.push(diff);
+        }
+        if !problems.is_empty() {
+            failures.push(format!("  {what} -> {}", problems.join("; ")));
+        }
+    }
+    failures
+}
+
+#[test]
+fn grants_cover_whole_names_and_the_review_hijacks_are_refused() {
+    let _w = watchdog(TEST_LIMIT);
+    let dir = TempDir::new("names");
+    let file = dir.write(
+        "tokens",
+        &format!(
+            "{TOK_FOO} foo\n\
+             {TOK_NAMES} foo.services,web-*.services.production\n\
+             {TOK_STAR} *.services\n\
+             {TOK_EVERY} *.*,*.*.*,*.*.*.*\n"
+        ),
+    );
+    let (etcd, sky) = start(&["--token-file", file.to_str().unwrap()]);
+    let addr = sky.connect_addr();
+    let with = |token: &str, query: &str| with_headers(query, &[bearer(token)]);
+
+    // The real victim, registered by a token granted its name.
+    let (victim, victim_ws) = exchange(
+        addr,
+        &with(TOK_STAR, "service=victim&port=80&host=10.0.0.1"),
+    );
+    let Outcome::Registered(victim) = victim else {
+        panic!("the victim did not register: {victim:?}");
+    };
+    let victim_key = victim["key"].as_str().unwrap_or_default().to_string();
+    assert!(victim_key.starts_with(&format!("{ROOT}services/victim/")));
+
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        // The review's two hijacks, with a token granted only `foo`.
+        (
+            "foo token, service=victim",
+            with(TOK_FOO, "service=victim&port=80"),
+            403,
+            "victim.services",
+        ),
+        (
+            "foo token, service=foo below victim.services (hijack 1)",
+            with(
+                TOK_FOO,
+                "service=foo&host=6.6.6.6&port=80&category=victim,services",
+            ),
+            403,
+            "foo.victim.services",
+        ),
+        (
+            "foo token, service=foo in ns.dns (hijack 2)",
+            with(TOK_FOO, "service=foo&port=80&category=ns,dns"),
+            403,
+            "dns.skydns.local.",
+        ),
+        (
+            "foo token, foo in another category",
+            with(TOK_FOO, "service=foo&port=80&category=production"),
+            403,
+            "foo.production",
+        ),
+        (
+            "foo token, the category percent-encoded",
+            with(TOK_FOO, "service=foo&port=80&category=victim%2Cservices"),
+            403,
+            "foo.victim.services",
+        ),
+        // `*` is one label: `*.services` reaches no deeper name.
+        (
+            "*.services token, foo below victim.services",
+            with(TOK_STAR, "service=foo&port=80&category=victim,services"),
+            403,
+            "foo.victim.services",
+        ),
+        (
+            "*.services token, x in services.production",
+            with(TOK_STAR, "service=x&port=80&category=services,production"),
+            403,
+            "x.services.production",
+        ),
+        // Exact names: a grant of foo.services is not one of x.foo.services.
+        (
+            "foo.services token, x below foo.services",
+            with(TOK_NAMES, "service=x&port=80&category=foo,services"),
+            403,
+            "x.foo.services",
+        ),
+        (
+            "names token, web-1 in services only",
+            with(TOK_NAMES, "service=web-1&port=80"),
+            403,
+            "web-1.services",
+        ),
+        (
+            "names token, web-1.services.production.eu",
+            with(
+                TOK_NAMES,
+                "service=web-1&port=80&category=services,production,eu",
+            ),
+            403,
+            "web-1.services.production.eu",
+        ),
+        // Reserved subtrees stay closed to a token granted every depth.
+        (
+            "every-depth token, ns.dns",
+            with(TOK_EVERY, "service=foo&port=80&category=ns,dns"),
+            403,
+            "dns.skydns.local.",
+        ),
+        (
+            "every-depth token, stub.dns (SkyDNS forwarders)",
+            with(TOK_EVERY, "service=example&port=53&category=com,stub,dns"),
+            403,
+            "dns.skydns.local.",
+        ),
+        (
+            "every-depth token, arpa",
+            with(TOK_EVERY, "service=1&port=80&category=0,in-addr,arpa"),
+            403,
+            "arpa.skydns.local.",
+        ),
+        (
+            "every-depth token, unknown token",
+            with(TOK_UNKNOWN, "service=foo&port=80&category=ns,dns"),
+            401,
+            "token",
+        ),
+    ];
+    let failures = refusals(&etcd, addr, &cases);
+
+    // The victim's name still answers with the victim only.
+    let under_victim = etcd.get_prefix(&format!("{ROOT}services/victim/"));
+    assert_eq!(
+        under_victim.keys().collect::<Vec<_>>(),
+        vec![&victim_key],
+        "something was written below victim.services"
+    );
+    assert!(etcd.get_prefix(&format!("{ROOT}dns/")).is_empty());
+
+    // What the grants do allow, each at exactly the granted name.
+    let allowed = [
+        (TOK_FOO, "service=foo&port=80", "services/foo/"),
+        (TOK_FOO, "service=FOO&port=81", "services/foo/"),
+        (
+            TOK_NAMES,
+            "service=foo&port=82&category=services",
+            "services/foo/",
+        ),
+        (
+            TOK_NAMES,
+            "service=web-9&port=80&category=services,production",
+            "production/services/web-9/",
+        ),
+        (TOK_STAR, "service=anything&port=80", "services/anything/"),
+        (
+            TOK_EVERY,
+            "service=x&port=80&category=dns,services",
+            "services/dns/x/",
+        ),
+    ];
+    let mut open = vec![victim_ws.expect("victim socket")];
+    for (token, query, dir) in allowed {
+        let (outcome, ws) = exchange(addr, &with(token, query));
+        let Outcome::Registered(w) = &outcome else {
+            panic!("{query}: a granted name was not registered: {outcome:?}");
+        };
+        let key = w["key"].as_str().unwrap_or_default();
+        assert!(
+            key.starts_with(&format!("{ROOT}{dir}")),
+            "{query}: key {key} not under {ROOT}{dir}"
+        );
+        assert!(etcd.get_prefix(ROOT).contains_key(key), "{key} not in etcd");
+        open.push(ws.expect("registered socket"));
+    }
+    for ws in &mut open {
+        close(ws, DELETE_WITHIN);
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} name cases misbehaved:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+    assert_never_logged(&sky, &[TOK_FOO, TOK_NAMES, TOK_STAR, TOK_EVERY]);
+}
+
+#[test]
+fn reserved_labels_are_refused_without_tokens_too() {
+    let _w = watchdog(TEST_LIMIT);
+    let (etcd, sky) = start(&[]);
+    let addr = sky.connect_addr();
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = [
+        ("ns.dns", "service=foo&port=80&category=ns,dns", "dns"),
+        ("dns", "service=ns&port=80&category=dns", "dns"),
+        ("stub.dns", "service=com&port=53&category=stub,dns", "dns"),
+        (
+            "DNS upper case",
+            "service=foo&port=80&category=ns,DNS",
+            "dns",
+        ),
+        (
+            "dns percent-encoded",
+            "service=foo&port=80&category=ns,%64ns",
+            "dns",
+        ),
+        ("arpa", "service=1&port=80&category=0,in-addr,arpa", "arpa"),
+    ]
+    .into_iter()
+    .map(|(what, q, label)| (what, provide(q), 403, label))
+    .collect();
+    let failures = refusals(&etcd, addr, &cases);
+    assert!(
+        failures.is_empty(),
+        "reserved names misbehaved:\n{}",
+        failures.join("\n")
+    );
+    // `dns` below the top is an ordinary label.
+    for q in [
+        "service=dns&port=80",
+        "service=x&port=80&category=dns,services",
+    ] {
+        let (outcome, ws) = exchange(addr, &provide(q));
+        assert!(
+            matches!(outcome, Outcome::Registered(_)),
+            "{q}: {outcome:?}"
+        );
+        close(&mut ws.expect("registered socket"), DELETE_WITHIN);
+    }
+    // A default category in a reserved subtree is refused at start-up.
+    let run = run_to_exit(
+        &[
+            "--listen-addr",
+            "127.0.0.1:0",
+            "--etcd-api",
+            "http://127.0.0.1:9",
+            "--default-category",
+            "ns,dns",
+        ],
+        Duration::from_secs(10),
+    );
+    assert_eq!(run.status.code(), Some(2), "{:?}", run.stderr);
+    assert!(
+        run.stderr.iter().any(|l| l.contains("--default-category")),
+        "{:?}",
+        run.stderr
+    );
+}
+
+#[test]
+fn sighup_revokes_exactly_the_registrations_no_longer_granted() {
+    let _w = watchdog(TEST_LIMIT);
+    const A: &str = "tok-revoke-a-1b2c3d";
+    const B: &str = "tok-revoke-b-4e5f6a";
+    const C: &str = "tok-revoke-c-7b8c9d";
+    let dir = TempDir::new("revoke");
+    let file = dir.write(
+        "tokens",
+        &format!("{A} web-*\n{B} api\n{C} foo.services,bar.services\n{TOK_ADMIN} @admin\n"),
+    );
+    let (etcd, sky) = start(&["--token-file", file.to_str().unwrap()]);
+    let addr = sky.connect_addr();
+    let hold = |token: &str, service: &str| -> (Ws, String) {
+        let (outcome, ws) = exchange(
+            addr,
+            &with_headers(&format!("service={service}&port=80"), &[bearer(token)]),
+        );
+        let Outcome::Registered(w) = outcome else {
+            panic!("{service}: {outcome:?}");
+        };
+        let key = w["key"].as_str().unwrap_or_default().to_string();
+        (ws.expect("registered socket"), key)
+    };
+    let mut kept = vec![hold(A, "web-1"), hold(C, "foo")];
+    let mut lost = vec![hold(A, "web-2"), hold(B, "api"), hold(C, "bar")];
+    // Without --token-file nothing is revocable; here every entry is stored.
+    assert!(poll_until(DELETE_WITHIN, || etcd.get_prefix(ROOT).len() == 5));
+
+    // web-2 loses its grant, B loses its token, bar.services is dropped.
+    dir.write(
+        "tokens",
+        &format!("{A} web-1\n{C} foo.services\n{TOK_ADMIN} @admin\n"),
+    );
+    sky.signal(libc::SIGHUP);
+    let mut failures = Vec::new();
+    for (ws, key) in &mut lost {
+        match close_code_on(ws, Duration::from_secs(3)) {
+            Ok((1008, reason)) if reason == "token revoked" => {}
+            other => failures.push(format!(
+                "{key}: want close 1008 \"token revoked\", got {other:?}"
+            )),
+        }
+        if !poll_until(DELETE_WITHIN, || {
+            !etcd.get_prefix(ROOT).contains_key(key.as_str())
+        }) {
+            failures.push(format!("{key} still in etcd after its revocation"));
+        }
+    }
+    // The others never noticed.
+    for (ws, key) in &mut kept {
+        still_served(ws, key);
+        if !etcd.get_prefix(ROOT).contains_key(key.as_str()) {
+            failures.push(format!("{key} is gone though its token still grants it"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let metrics = get_with(addr, "/metrics", &[bearer(TOK_ADMIN)]);
+    assert!(
+        matches!(&metrics, Outcome::Http { status: 200, body }
+            if body.contains("skyapi_removals_total{reason=\"revoked\"} 3")),
+        "{metrics:?}"
+    );
+    // A reload that changes nothing revokes nothing.
+    sky.signal(libc::SIGHUP);
+    assert!(poll_until(Duration::from_secs(5), || sky
+        .lines_with("token file reloaded")
+        .len()
+        == 2));
+    for (ws, key) in &mut kept {
+        still_served(ws, key);
+    }
+    assert_eq!(etcd.get_prefix(ROOT).len(), 2);
+    assert_eq!(sky.lines_with("SIGHUP: token no longer grants").len(), 3);
+    assert_never_logged(&sky, &[A, B, C, TOK_ADMIN]);
+}
+
+#[test]
+fn admin_endpoints_are_protected_by_token_or_moved_to_the_admin_listener() {
+    let _w = watchdog(TEST_LIMIT);
+    let dir = TempDir::new("admin");
+    let file = dir.write(
+        "tokens",
+        &format!("{TOK_WEB} web-*\n{TOK_ADMIN} @admin\n{TOK_ALL} admin\n"),
+    );
+    let (etcd, sky) = start(&["--token-file", file.to_str().unwrap()]);
+    let addr = sky.connect_addr();
+    let (mut ws, _) = {
+        let (o, ws) = exchange(
+            addr,
+            &with_headers("service=web-1&port=80&host=10.9.8.7", &[bearer(TOK_WEB)]),
+        );
+        (ws.unwrap_or_else(|| panic!("{o:?}")), o)
+    };
+    let mut failures = Vec::new();
+    let mut expect = |what: &str, got: Outcome, status: u16, has: &str| {
+        if let Err(e) = refused_with(status, has, &got) {
+            failures.push(format!("  {what}: {e}"));
+        }
+    };
+    for path in ["/metrics", "/services"] {
+        expect(path, get_with(addr, path, &[]), 401, "token");
+        expect(
+            path,
+            get_with(addr, path, &[bearer(TOK_UNKNOWN)]),
+            401,
+            "token",
+        );
+        // A registering token, and a token granted the *service* `admin`.
+        expect(path, get_with(addr, path, &[bearer(TOK_WEB)]), 403, path);
+        expect(path, get_with(addr, path, &[bearer(TOK_ALL)]), 403, path);
+        // Only the header counts: tokens in URLs end up in logs.
+        let q = format!("{path}?token={TOK_ADMIN}");
+        expect(&q, get_with(addr, &q, &[]), 401, "token");
+    }
+    expect(
+        "/metrics as admin",
+        get_with(addr, "/metrics", &[bearer(TOK_ADMIN)]),
+        200,
+        "skyapi_connections_open",
+    );
+    expect(
+        "/services as admin",
+        get_with(addr, "/services", &[bearer(TOK_ADMIN)]),
+        200,
+        "10.9.8.7",
+    );
+    expect("/healthz", get_with(addr, "/healthz", &[]), 200, "ok");
+    close(&mut ws, DELETE_WITHIN);
+    drop(sky);
+
+    // With an admin listener, the endpoints leave the main one.
+    let sky = Skyapi::start(&etcd, &["--admin-listen-addr", "127.0.0.1:0"]);
+    let addr = sky.connect_addr();
+    let admin = admin_addr(&sky);
+    assert_ne!(admin, addr);
+    let (mut ws, _) = register(&sky.url("/provide?service=listed&port=80&host=10.1.2.3"));
+    for path in ["/metrics", "/services"] {
+        expect(path, get_with(addr, path, &[]), 404, "--admin-listen-addr");
+    }
+    expect("/healthz", get_with(addr, "/healthz", &[]), 200, "ok");
+    expect(
+        "admin /healthz",
+        get_with(admin, "/healthz", &[]),
+        200,
+        "ok",
+    );
+    expect(
+        "admin /metrics",
+        get_with(admin, "/metrics", &[]),
+        200,
+        "skyapi_connections_open 1",
+    );
+    expect(
+        "admin /services",
+        get_with(admin, "/services", &[]),
+        200,
+        "10.1.2.3",
+    );
+    // The admin listener registers nothing.
+    let before = snapshot(&etcd);
+    let (outcome, _) = exchange(admin, &provide("service=sneaky&port=80"));
+    expect("admin /provide", outcome, 404, "no such endpoint");
+    assert_eq!(snapshot_diff(&before, &snapshot(&etcd)), None);
+    close(&mut ws, DELETE_WITHIN);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_never_logged(&sky, &[TOK_WEB, TOK_ADMIN, TOK_ALL]);
 }
 
 // ----------------------------------------------------- host spoofing
@@ -1075,7 +1552,25 @@ fn traversal_and_injection_in_labels_are_refused_and_write_nothing() {
         ("service", "%2E".into()),
         ("service", "-%0a-".into()),
     ];
-    let cases = cases_for(&["service", "category", "prefix"], &extra);
+    let mut cases = cases_for(&["service", "category", "prefix"], &extra);
+    // Well-formed names in the DNS servers' own subtrees, disguised or not:
+    // refused as not allowed (403), before any upgrade.
+    for category in [
+        "ns,dns",
+        "ns,DNS",
+        "ns,%64ns",
+        "ns%2Cdns",
+        "com,stub,dns",
+        "dns",
+        "0,in-addr,arpa",
+        "in-addr,%61rpa",
+    ] {
+        cases.push(case(
+            format!("category={category}"),
+            provide(&query_with("category", category)),
+            Want::Http(403),
+        ));
+    }
     assert_cases(&etcd, &sky, &cases);
 }
 
@@ -1744,6 +2239,218 @@ fn message_flood_is_closed_with_1008_and_others_stay() {
         sky.logs().iter().any(|l| l.contains("floods")),
         "closing a flooder is not logged"
     );
+}
+
+#[test]
+fn floods_of_pings_pongs_and_fragments_are_closed_with_1008() {
+    let _w = watchdog(TEST_LIMIT);
+    let (etcd, sky) = start(&[]);
+    let (mut steady, steady_key) = registered(&sky, "steady");
+    let (mut flood, flood_key) = registered(&sky, "pings");
+    let (mut pongs, pongs_key) = registered(&sky, "pongs");
+
+    // 1,000 pings of 125 bytes (the control-frame maximum) in one go: each
+    // would be answered, so each counts against --max-message-rate.
+    let ping = frame(0x9, true, &[0x70; 125]);
+    let flood_bytes: Vec<u8> = (0..1000).flat_map(|_| ping.clone()).collect();
+    // The server may close before reading it all; the close is what counts.
+    let _ = flood.get_mut().write_all(&flood_bytes);
+    let got = close_code_on(&mut flood, Duration::from_secs(5));
+    assert!(
+        matches!(&got, Ok((1008, reason)) if reason.contains("too many messages")),
+        "the ping flood got {got:?}, want close 1008 \"too many messages\""
+    );
+    // Unsolicited pongs count too.
+    let pong = frame(0xA, true, b"unasked");
+    let _ = pongs
+        .get_mut()
+        .write_all(&(0..1000).flat_map(|_| pong.clone()).collect::<Vec<u8>>());
+    let got = close_code_on(&mut pongs, Duration::from_secs(5));
+    assert!(
+        matches!(&got, Ok((1008, _))),
+        "the pong flood got {got:?}, want close 1008"
+    );
+    // Frames that never make a message (empty continuation fragments) are
+    // held to the bytes that many messages would take.
+    let (mut frames, frames_key) = registered(&sky, "fragments");
+    let mut endless = frame(0x1, false, b"");
+    endless.extend((0..200_000).flat_map(|_| frame(0x0, false, b"")));
+    let _ = frames.get_mut().write_all(&endless);
+    let got = close_code_on(&mut frames, Duration::from_secs(5));
+    assert!(
+        matches!(&got, Ok((1008, _))),
+        "a flood of empty fragments got {got:?}, want close 1008"
+    );
+    for key in [&flood_key, &pongs_key, &frames_key] {
+        assert!(
+            poll_until(DELETE_WITHIN, || !etcd.get_prefix(ROOT).contains_key(key)),
+            "{key} is still in etcd after its flood"
+        );
+    }
+    still_served(&mut steady, "the steady client");
+    assert!(etcd.get_prefix(ROOT).contains_key(&steady_key));
+}
+
+#[test]
+fn invalid_utf8_is_closed_with_1007() {
+    let _w = watchdog(TEST_LIMIT);
+    let (etcd, sky) = start(&[]);
+    let (mut steady, _) = registered(&sky, "steady");
+    let attacks: Vec<(&str, Vec<u8>)> = vec![
+        ("a text message of 0xff", frame(0x1, true, b"ok \xff")),
+        (
+            "an overlong '/' in a text message",
+            frame(0x1, true, b"\xc0\xaf"),
+        ),
+        (
+            "a text message split mid-character over two fragments",
+            [frame(0x1, false, b"caf\xc3"), frame(0x0, true, b"(")].concat(),
+        ),
+        (
+            "a close reason that is not UTF-8",
+            frame(0x8, true, b"\x03\xe8bye \xff\xfe"),
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (i, (what, bytes)) in attacks.into_iter().enumerate() {
+        let (mut ws, key) = registered(&sky, &format!("utf{i}"));
+        let _ = ws.get_mut().write_all(&bytes);
+        match close_code_on(&mut ws, Duration::from_secs(5)) {
+            Ok((1007, _)) => {}
+            other => failures.push(format!("  {what}: want close 1007, got {other:?}")),
+        }
+        if !poll_until(DELETE_WITHIN, || !etcd.get_prefix(ROOT).contains_key(&key)) {
+            failures.push(format!("  {what}: {key} still in etcd"));
+        }
+    }
+    // Valid UTF-8 (multi-byte, split over fragments) is fine.
+    let (mut fine, _) = registered(&sky, "fine");
+    let _ = fine
+        .get_mut()
+        .write_all(&[frame(0x1, false, b"caf\xc3"), frame(0x0, true, b"\xa9")].concat());
+    still_served(&mut fine, "after valid fragmented UTF-8");
+    still_served(&mut steady, "the steady client");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn max_connections_under_tls_answers_503_and_a_flood_takes_few_threads() {
+    let _w = watchdog(TEST_LIMIT);
+    let pki = Pki::generate();
+    let (etcd, sky) = start(&[
+        "--tls-cert",
+        pki.cert.to_str().unwrap(),
+        "--tls-key",
+        pki.key.to_str().unwrap(),
+        "--max-connections",
+        "2",
+    ]);
+    let addr = sky.connect_addr();
+    let config = tls_client_config(&pki.ca);
+    let wss = |service: &str| {
+        let tls = tls_connect(addr, &config).unwrap_or_else(|e| panic!("TLS: {e}"));
+        let url = format!("wss://{addr}/provide?service={service}&port=443");
+        let mut ws = wss_connect(&url, tls).unwrap_or_else(|e| panic!("{url}: {e}"));
+        match next_event(&mut ws, REPLY_WITHIN) {
+            Some(Event::Text(t)) if t.starts_with('{') => ws,
+            other => panic!("{service}: want the welcome, got {other:?}"),
+        }
+    };
+    let mut held = [wss("held0"), wss("held1")];
+    let before = snapshot(&etcd);
+    for path in ["/healthz", "/provide?service=third&port=443"] {
+        match https_get(addr, &config, path) {
+            Ok((503, text)) => assert!(text.contains("too many connections"), "{text}"),
+            other => panic!("GET {path} beyond --max-connections under TLS: {other:?}"),
+        }
+    }
+    assert_eq!(snapshot_diff(&before, &snapshot(&etcd)), None);
+
+    // Silent sockets beyond the limit: a bounded number of short-lived
+    // threads answers them, and each is let go within about a second.
+    let pid = sky.pid();
+    let threads_before = proc_threads(pid);
+    let silent: Vec<TcpStream> = (0..60).map(|_| tcp_connect(addr)).collect();
+    let mut peak = threads_before;
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_millis(800) {
+        peak = peak.max(proc_threads(pid));
+        thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("60 silent TLS sockets beyond the limit: threads {threads_before} -> peak {peak}");
+    assert!(
+        peak <= threads_before + 16,
+        "60 silent TLS sockets beyond the limit raised the threads from {threads_before} to {peak}"
+    );
+    assert!(
+        poll_until(Duration::from_secs(3), || proc_threads(pid)
+            <= threads_before),
+        "threads answering 503 did not end: {} (were {threads_before})",
+        proc_threads(pid)
+    );
+    drop(silent);
+    // Still answering 503 after the flood, and serving once a slot is free.
+    assert!(matches!(https_get(addr, &config, "/healthz"), Ok((503, _))));
+    close_on(&mut held[0]);
+    assert!(
+        poll_until(Duration::from_secs(3), || matches!(
+            https_get(addr, &config, "/healthz"),
+            Ok((200, _))
+        )),
+        "no slot freed after a client closed"
+    );
+    close_on(&mut held[1]);
+}
+
+#[test]
+fn max_head_size_is_exact() {
+    let _w = watchdog(TEST_LIMIT);
+    // Not a multiple of the server's 1 KiB reads: a cap checked only
+    // after whole reads would let a head reach 2048 bytes.
+    let (etcd, sky) = start(&["--max-head-size", "1500"]);
+    let addr = sky.connect_addr();
+    // An unknown path: its 404 says the head was read, whatever etcd's state.
+    let (at, _) = exchange(addr, &head_of_size("/unknown", false, 1500));
+    assert_eq!(at.http_status(), Some(404), "a 1500-byte head: {at:?}");
+    let (over, _) = exchange(addr, &head_of_size("/unknown", false, 1501));
+    assert_eq!(over.http_status(), Some(431), "a 1501-byte head: {over:?}");
+    let (at, ws) = exchange(
+        addr,
+        &head_of_size("/provide?service=fits&port=1", true, 1500),
+    );
+    assert!(
+        matches!(at, Outcome::Registered(_)),
+        "a 1500-byte upgrade: {at:?}"
+    );
+    close(&mut ws.expect("registered socket"), DELETE_WITHIN);
+    assert!(poll_until(DELETE_WITHIN, || etcd
+        .get_prefix(ROOT)
+        .is_empty()));
+    let before = snapshot(&etcd);
+    let (over, _) = exchange(
+        addr,
+        &head_of_size("/provide?service=over&port=1", true, 1501),
+    );
+    assert_eq!(
+        over.http_status(),
+        Some(431),
+        "a 1501-byte upgrade: {over:?}"
+    );
+    assert_eq!(snapshot_diff(&before, &snapshot(&etcd)), None);
+    // A first frame sent with the head is not counted in it, nor lost.
+    let mut both = head_of_size("/provide?service=eager&port=1", true, 1500);
+    both.extend(frame(0x9, true, b"early"));
+    let (outcome, ws) = exchange(addr, &both);
+    assert!(matches!(outcome, Outcome::Registered(_)), "{outcome:?}");
+    let mut ws = ws.expect("registered socket");
+    let got_pong = (0..5).any(
+        |_| matches!(next_event(&mut ws, REPLY_WITHIN), Some(Event::Pong(p)) if p == b"early"),
+    );
+    assert!(
+        got_pong,
+        "the ping sent right after the head was not answered"
+    );
+    close(&mut ws, DELETE_WITHIN);
 }
 
 // -------------------------------------------------------------- resources

@@ -699,10 +699,51 @@ fn same_params_share_one_key_until_the_last_closes() {
 // ---------------------------------------------------------------- shutdown
 
 #[test]
-fn sigterm_removes_entries_closes_clients_with_1001_and_exits_0() {
+fn sigterm_and_sigint_keep_entries_close_clients_with_1012_and_exit_0_within_1s() {
     let _w = watchdog(TEST_LIMIT);
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let (etcd, mut sky) = start(&["--timeout", "30"]);
+        let (mut a, _) = register(&sky.url("/provide?service=foo&port=9999"));
+        let (mut b, _) = register(&sky.url("/provide?service=bar&port=8888&category=production"));
+        let before = etcd.get_prefix_with_lease(ROOT);
+        assert_eq!(before.len(), 2);
+
+        let t0 = Instant::now();
+        sky.signal(sig);
+        for (name, ws) in [("foo", &mut a), ("bar", &mut b)] {
+            let closed = read_until_close(ws, Duration::from_secs(1));
+            assert_eq!(
+                closed.code(),
+                Some(1012),
+                "signal {sig}, {name}: {closed:?}"
+            );
+        }
+        let status = sky
+            .wait_exit(Duration::from_secs(1).saturating_sub(t0.elapsed()))
+            .unwrap_or_else(|| panic!("skyapi still running 1 s after signal {sig}"));
+        assert!(status.success(), "exit after signal {sig}: {status}");
+        // A restart-safe stop: the entries, values and lease are untouched.
+        assert_eq!(etcd.get_prefix_with_lease(ROOT), before, "signal {sig}");
+    }
+}
+
+#[test]
+fn revoke_on_exit_removes_entries_closes_clients_with_1001_and_exits_0() {
+    let _w = watchdog(TEST_LIMIT);
+    // Set from the environment, as an operator would in /etc/default.
     // --timeout 30: lease expiry cannot be what removes the entries in 1 s.
-    let (etcd, mut sky) = start(&["--timeout", "30"]);
+    let etcd = Etcd::start_new();
+    let mut sky = Skyapi::server(
+        &[
+            "--listen-addr",
+            "127.0.0.1:0",
+            "--etcd-api",
+            &etcd.endpoint(),
+            "--timeout",
+            "30",
+        ],
+        &[("SKYAPI_REVOKE_ON_EXIT", "1")],
+    );
     let (mut a, _) = register(&sky.url("/provide?service=foo&port=9999"));
     let (mut b, _) = register(&sky.url("/provide?service=bar&port=8888&category=production"));
     assert_eq!(etcd.get_prefix(ROOT).len(), 2);

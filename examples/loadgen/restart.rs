@@ -162,7 +162,9 @@ pub async fn run(
 }
 
 /// Waits until `pid` has exited (gone, or a zombie its parent has not
-/// reaped yet); the moment it was seen gone.
+/// reaped yet, with no thread left: after SIGKILL the main thread is a
+/// zombie while the others, and the sockets they share, are still being
+/// torn down); the moment it was seen gone.
 async fn wait_exit(pid: u32, limit: Duration) -> Result<Instant, String> {
     let deadline = Instant::now() + limit;
     loop {
@@ -172,7 +174,10 @@ async fn wait_exit(pid: u32, limit: Duration) -> Result<Instant, String> {
                 s.rsplit_once(") ")
                     .and_then(|(_, rest)| rest.chars().next())
             });
-        if matches!(state, None | Some('Z') | Some('X')) {
+        let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        if state.is_none() || (matches!(state, Some('Z') | Some('X')) && threads <= 1) {
             return Ok(Instant::now());
         }
         if Instant::now() >= deadline {

@@ -517,3 +517,47 @@ impl Sidecar {
         self.0.pid()
     }
 }
+
+// ------------------------------------------------------------- admin
+
+/// A plain `GET path` with `headers` (each without CRLF) as one exchange;
+/// a failed write is not fatal (see [`exchange`]).
+pub fn get_with(addr: SocketAddr, path: &str, headers: &[String]) -> Outcome {
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+    for h in headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    exchange(addr, req.as_bytes()).0
+}
+
+/// The address of the admin listener, from skyapi's log line
+/// `admin endpoints (...) on ADDR`.
+pub fn admin_addr(sky: &Skyapi) -> SocketAddr {
+    let line = sky
+        .logs()
+        .into_iter()
+        .find(|l| l.contains("admin endpoints"))
+        .unwrap_or_else(|| panic!("no admin listener logged:\n{}", sky.logs().join("\n")));
+    line.split_whitespace()
+        .last()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address at the end of {line:?}"))
+}
+
+/// A request head of exactly `size` bytes: `GET path` padded with one
+/// `X-Pad` header, optionally as a websocket upgrade.
+pub fn head_of_size(path: &str, upgrade: bool, size: usize) -> Vec<u8> {
+    let mut head = if upgrade {
+        upgrade_request(path.as_bytes(), &[])
+    } else {
+        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").into_bytes()
+    };
+    head.truncate(head.len() - 2); // reopen the header block
+    let fixed = head.len() + "X-Pad: \r\n\r\n".len();
+    assert!(size > fixed, "a {size}-byte head cannot hold {path}");
+    head.extend_from_slice(format!("X-Pad: {}\r\n\r\n", "p".repeat(size - fixed)).as_bytes());
+    assert_eq!(head.len(), size);
+    head
+}
