@@ -9,9 +9,11 @@
 //!   or has revoked it already (`--revoke-on-exit`, close 1001);
 //! - every blocking read has a deadline: the read timeout is always the time
 //!   to the next ping or to the liveness deadline, whichever is sooner;
-//! - a client is dropped once nothing at all (no pong, no frame) has arrived
-//!   for `--timeout`; pings go out every `--timeout`/3, so a live client
-//!   gets at least two chances to answer;
+//! - a client is dropped only when a ping actually sent has gone unanswered
+//!   (no pong, no frame) for the grace `liveness` defines: `--timeout` after
+//!   it was last heard, with pings every `--timeout`/3, so a live client
+//!   gets at least two chances to answer; time skyapi itself did not run (a
+//!   stall) is never held against a client;
 //! - what a peer sends is bounded (`config::Limits`): the head's size and
 //!   time, frames and messages, and the message rate (a token bucket over
 //!   every message, pings and pongs included, plus a byte budget for frames
@@ -35,6 +37,7 @@ use tungstenite::{Message, WebSocket};
 use crate::auth::{self, TokenId};
 use crate::endpoints::Listener;
 use crate::http::{self, Head, HeadError};
+use crate::liveness::{Liveness, Next};
 use crate::metrics::{self, Removal};
 use crate::provide::{self, Entry, Registration};
 use crate::server::Shared;
@@ -460,8 +463,7 @@ fn hold<T: Transport>(
 ) -> Removal {
     let timeout = shared.timeout;
     let ping_every = timeout / 3;
-    let mut last_heard = Instant::now();
-    let mut next_ping = last_heard + ping_every;
+    let mut liveness = Liveness::new(timeout, Instant::now());
     let mut first_wait = true;
     let rate = shared.limits.message_rate;
     let mut bucket = Bucket::new(rate, rate * MSG_BURST_SECS);
@@ -534,45 +536,55 @@ fn hold<T: Transport>(
         }
 
         let now = Instant::now();
-        let dead_at = last_heard + timeout;
-        if now >= dead_at {
-            // A last look before giving up: if skyapi itself stalled (a
-            // stopped process, an overloaded host), the answers may be
-            // waiting in the socket, unread.
-            ws.get_mut()
-                .socket()
-                .set_deadline(Some(now + Duration::from_millis(1)));
-            match ws.read() {
-                Ok(Message::Close(_)) => {
-                    let _ = ws.flush();
-                    return Removal::Close;
+        let wake = match liveness.next(now) {
+            Next::Drop => {
+                // A last look before giving up: the answer may be waiting in
+                // the socket, unread (an overloaded host).
+                ws.get_mut()
+                    .socket()
+                    .set_deadline(Some(now + Duration::from_millis(1)));
+                match ws.read() {
+                    Ok(Message::Close(_)) => {
+                        let _ = ws.flush();
+                        return Removal::Close;
+                    }
+                    Ok(_) => {
+                        liveness.heard();
+                        continue;
+                    }
+                    Err(_) => {}
                 }
-                Ok(_) => {
-                    last_heard = Instant::now();
-                    continue;
+                warn!(
+                    "{who}: no answer to a ping for {}s: dropping it",
+                    liveness.grace().as_secs()
+                );
+                return Removal::PingTimeout;
+            }
+            Next::Ping => {
+                if let Err(e) = ws.send(Message::Ping(Default::default())) {
+                    debug!("{who}: ping failed: {e}");
+                    return Removal::Error;
                 }
-                Err(_) => {}
+                liveness.pinged(now);
+                continue;
             }
-            warn!("{who}: no answer for {}s: dropping it", timeout.as_secs());
-            return Removal::PingTimeout;
-        }
-        if now >= next_ping {
-            if let Err(e) = ws.send(Message::Ping(Default::default())) {
-                debug!("{who}: ping failed: {e}");
-                return Removal::Error;
-            }
-            next_ping = now + ping_every;
-        }
-
-        let mut wake = next_ping.min(dead_at);
-        if !*acked {
-            wake = wake.min(now + ACK_POLL);
-        }
+            Next::WaitUntil(at) => at,
+        };
+        let wake = if *acked {
+            wake
+        } else {
+            wake.min(now + ACK_POLL)
+        };
         ws.get_mut().socket().set_deadline(Some(wake));
 
-        match ws.read() {
+        let read = ws.read();
+        let woke = Instant::now();
+        if liveness.woke(wake, woke).is_some() {
+            shared.metrics.stalls.record(wake, woke, who);
+        }
+        match read {
             Ok(msg) => {
-                last_heard = Instant::now();
+                liveness.heard();
                 if let Message::Close(_) = msg {
                     // tungstenite queued the close reply; send it.
                     let _ = ws.flush();
@@ -580,7 +592,7 @@ fn hold<T: Transport>(
                 }
                 // Every message counts, pings and pongs too: tungstenite
                 // answers each ping, so a ping flood costs as much as any.
-                if !bucket.take(last_heard, 1.0) {
+                if !bucket.take(woke, 1.0) {
                     shared.limit_hit(
                         "--max-message-rate",
                         &format!("{who}: client floods messages: closing"),

@@ -42,6 +42,10 @@ pub struct EtcdStore {
     clients: Vec<Option<Client>>,
     current: usize,
     keeper: Option<(i64, LeaseKeeper, LeaseKeepAliveStream)>,
+    /// Whether the last call ran on a client connected (and logged in) for
+    /// it: a refused token is then not stale, and logging in again would
+    /// only cost etcd another bcrypt.
+    last_call_fresh: bool,
 }
 
 impl EtcdStore {
@@ -56,6 +60,7 @@ impl EtcdStore {
             clients,
             current: 0,
             keeper: None,
+            last_call_fresh: false,
         })
     }
 
@@ -67,22 +72,30 @@ impl EtcdStore {
         F: FnOnce(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
+        self.last_call_fresh = self.clients[self.current].is_none();
         let result = match self.client() {
             Ok(client) => match self
                 .rt
                 .block_on(async { tokio::time::timeout(REQUEST_TIMEOUT, f(client)).await })
             {
                 Ok(Ok(v)) => Ok(v),
-                Ok(Err(e)) => Err(self.classify(e)),
-                Err(_) => Err(StoreError::Unavailable(format!(
+                Ok(Err(e)) => Err(classify(e)),
+                Err(_) => Err(StoreError::Unreachable(format!(
                     "no answer within {} ms",
                     REQUEST_TIMEOUT.as_millis()
                 ))),
             },
             Err(e) => Err(e),
         };
-        if let Err(StoreError::Unavailable(_)) = &result {
-            self.fail_over();
+        match &result {
+            Err(StoreError::Unreachable(_)) => self.fail_over(),
+            // The token etcd no longer accepts lives in the client (and in
+            // the keepalive stream): the next call logs in afresh.
+            Err(StoreError::Auth(_)) => {
+                self.keeper = None;
+                self.clients[self.current] = None;
+            }
+            _ => {}
         }
         result
     }
@@ -97,22 +110,35 @@ impl EtcdStore {
 
     /// `call` for a request that may be sent again: when a member does not
     /// answer, the request is sent at once to the next one (each member at
-    /// most once), rather than 0.5 s later by the worker's retry.
+    /// most once), rather than 0.5 s later by the worker's retry; when etcd
+    /// refuses our token (stale after a user or role change, or expired), it
+    /// is sent once more on a fresh login, as etcd's own Go client does.
     fn unary<T, F, Fut>(&mut self, f: F) -> Result<T, StoreError>
     where
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
         let mut attempt = 1;
+        let mut relogged = false;
         loop {
             match self.call(&f) {
-                Err(StoreError::Unavailable(why)) if attempt < self.clients.len() => {
+                Err(StoreError::Unreachable(why)) if attempt < self.clients.len() => {
                     log::debug!("etcd: {why}; trying the next member");
                     attempt += 1;
+                }
+                Err(StoreError::Auth(why)) if !relogged && self.may_log_in_again() => {
+                    log::info!("etcd: {why}; logging in again and retrying");
+                    relogged = true;
                 }
                 other => return other,
             }
         }
+    }
+
+    /// After an `Auth` error: whether the token refused may be stale (see
+    /// `last_call_fresh`), so a fresh login can help.
+    fn may_log_in_again(&self) -> bool {
+        self.config.user.is_some() && !self.last_call_fresh
     }
 
     fn client(&mut self) -> Result<Client, StoreError> {
@@ -156,48 +182,19 @@ impl EtcdStore {
                 self.clients[self.current] = Some(c.clone());
                 Ok(c)
             }
-            // A refused login (wrong password) is `Rejected`: the worker
-            // then backs off instead of hammering etcd's bcrypt.
-            Ok(Err(e)) => Err(match self.classify(e) {
-                StoreError::Rejected(m) => StoreError::Rejected(format!("connect: {m}")),
-                StoreError::Unavailable(m) => StoreError::Unavailable(format!("connect: {m}")),
+            // A refused login (wrong password) is `Auth`: the worker then
+            // backs off instead of hammering etcd's bcrypt.
+            Ok(Err(e)) => Err(match classify(e) {
+                StoreError::Auth(m) => StoreError::Auth(format!("connect: {m}")),
+                StoreError::Unreachable(m) => StoreError::Unreachable(format!("connect: {m}")),
                 other => other,
             }),
-            Err(_) => Err(StoreError::Unavailable("connect timed out".into())),
+            Err(_) => Err(StoreError::Unreachable("connect timed out".into())),
         }
     }
 
-    fn classify(&mut self, e: etcd_client::Error) -> StoreError {
-        use etcd_client::Error as E;
-        match e {
-            E::GRpcStatus(status) => {
-                let msg = status.message().to_string();
-                if msg.contains("lease not found") {
-                    return StoreError::LeaseNotFound;
-                }
-                match status.code() {
-                    Code::InvalidArgument
-                    | Code::PermissionDenied
-                    | Code::FailedPrecondition
-                    | Code::OutOfRange => StoreError::Rejected(msg),
-                    _ => StoreError::Unavailable(msg),
-                }
-            }
-            E::LeaseKeepAliveError(msg) if msg.contains("lease not found") => {
-                StoreError::LeaseNotFound
-            }
-            other => StoreError::Unavailable(error_chain(&other)),
-        }
-    }
-}
-
-impl Store for EtcdStore {
-    fn grant(&mut self, ttl_secs: i64) -> Result<i64, StoreError> {
-        self.unary(|mut c| async move { c.lease_grant(ttl_secs, None).await })
-            .map(|r| r.id())
-    }
-
-    fn keep_alive(&mut self, lease: i64) -> Result<(), StoreError> {
+    /// One keepalive on the open stream, or opening it.
+    fn keep_alive_once(&mut self, lease: i64) -> Result<(), StoreError> {
         if self.keeper.as_ref().is_some_and(|(id, _, _)| *id != lease) {
             self.keeper = None;
         }
@@ -214,7 +211,7 @@ impl Store for EtcdStore {
                     }
                     Some(_) => Err(StoreError::LeaseNotFound),
                     // etcd ended the stream; the next call reopens it.
-                    None => Err(StoreError::Unavailable("keepalive stream closed".into())),
+                    None => Err(StoreError::Unreachable("keepalive stream closed".into())),
                 }
             }
             None => {
@@ -225,6 +222,75 @@ impl Store for EtcdStore {
                 self.keeper = Some((lease, keeper, stream));
                 Ok(())
             }
+        }
+    }
+}
+
+/// Sorts an etcd-client error by what the worker must do about it.
+fn classify(e: etcd_client::Error) -> StoreError {
+    use etcd_client::Error as E;
+    match e {
+        E::GRpcStatus(status) => classify_status(status.code(), status.message()),
+        E::LeaseKeepAliveError(msg) if msg.contains("lease not found") => StoreError::LeaseNotFound,
+        other => StoreError::Unreachable(error_chain(&other)),
+    }
+}
+
+/// Sorts an answer of etcd by its gRPC code and message. etcd's codes are
+/// too coarse on their own (a stale token and a too-large request are both
+/// `InvalidArgument`), so its messages (stable across 3.4 to 3.6, from
+/// `api/v3rpc/rpctypes`) decide first.
+fn classify_status(code: Code, msg: &str) -> StoreError {
+    let has = |s: &str| msg.contains(s);
+    if has("lease not found") {
+        StoreError::LeaseNotFound
+    } else if has("database space exceeded") {
+        StoreError::RefusingWrites("database space exceeded (NOSPACE alarm)".into())
+    } else if has("corrupt") {
+        StoreError::RefusingWrites(format!("data corruption detected (CORRUPT alarm): {msg}"))
+    } else if has("revision of auth store is old")
+        || has("invalid auth token")
+        || has("user name is empty")
+        || has("authentication failed")
+        || has("invalid auth management")
+        || code == Code::Unauthenticated
+    {
+        StoreError::Auth(msg.to_string())
+    } else if code == Code::PermissionDenied || has("permission denied") {
+        StoreError::PermissionDenied(msg.to_string())
+    } else if has("too large")
+        || has("too many operations")
+        || has("larger than max")
+        || has("duplicate key")
+        || has("key is not provided")
+    {
+        StoreError::BadRequest(msg.to_string())
+    } else {
+        match code {
+            Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => {
+                StoreError::BadRequest(msg.to_string())
+            }
+            // Unavailable, DeadlineExceeded, "leader changed", "too many
+            // requests" (ResourceExhausted), ...: etcd is not serving us now.
+            _ => StoreError::Unreachable(msg.to_string()),
+        }
+    }
+}
+
+impl Store for EtcdStore {
+    fn grant(&mut self, ttl_secs: i64) -> Result<i64, StoreError> {
+        self.unary(|mut c| async move { c.lease_grant(ttl_secs, None).await })
+            .map(|r| r.id())
+    }
+
+    fn keep_alive(&mut self, lease: i64) -> Result<(), StoreError> {
+        // A stale token is refreshed here as in `unary`.
+        match self.keep_alive_once(lease) {
+            Err(StoreError::Auth(why)) if self.may_log_in_again() => {
+                log::info!("etcd: {why}; logging in again and retrying the keepalive");
+                self.keep_alive_once(lease)
+            }
+            other => other,
         }
     }
 
@@ -269,6 +335,30 @@ impl Store for EtcdStore {
             async move { c.txn(txn).await }
         })?;
         Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
+    }
+
+    fn rewrite_owned(
+        &mut self,
+        (key, value): &(String, String),
+        lease: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        // A top-level comparison: etcd's quota check counts the put in the
+        // success branch (it does not look into nested transactions).
+        let txn = Txn::new()
+            .when([Compare::lease(key.as_str(), CompareOp::Equal, lease)])
+            .and_then([TxnOp::put(
+                key.as_str(),
+                value.as_str(),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let resp = self.unary(|mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })?;
+        Ok(resp
+            .succeeded()
+            .then(|| resp.header().map(|h| h.revision()))
+            .flatten())
     }
 
     fn delete_owned(&mut self, keys: &[String], lease: i64) -> Result<(), StoreError> {
@@ -353,4 +443,92 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     }
     // All 0xff: to the end of the keyspace.
     vec![0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Messages as etcd 3.4 sends them (`etcdctl` prints the same text).
+    #[test]
+    fn etcd_answers_are_sorted_by_what_to_do() {
+        let cases = [
+            (
+                Code::ResourceExhausted,
+                "etcdserver: mvcc: database space exceeded",
+                "refusing",
+            ),
+            (Code::DataLoss, "etcdserver: corrupt cluster", "refusing"),
+            (
+                Code::InvalidArgument,
+                "etcdserver: revision of auth store is old",
+                "auth",
+            ),
+            (
+                Code::Unauthenticated,
+                "etcdserver: invalid auth token",
+                "auth",
+            ),
+            (
+                Code::InvalidArgument,
+                "etcdserver: authentication failed, invalid user ID or password",
+                "auth",
+            ),
+            (
+                Code::PermissionDenied,
+                "etcdserver: permission denied",
+                "denied",
+            ),
+            (
+                Code::NotFound,
+                "etcdserver: requested lease not found",
+                "lease",
+            ),
+            (
+                Code::InvalidArgument,
+                "etcdserver: request is too large",
+                "bad",
+            ),
+            (
+                Code::InvalidArgument,
+                "etcdserver: too many operations in txn request",
+                "bad",
+            ),
+            (
+                Code::Unavailable,
+                "etcdserver: leader changed",
+                "unreachable",
+            ),
+            (
+                Code::ResourceExhausted,
+                "etcdserver: too many requests",
+                "unreachable",
+            ),
+            (
+                Code::DeadlineExceeded,
+                "context deadline exceeded",
+                "unreachable",
+            ),
+        ];
+        for (code, msg, want) in cases {
+            let got = classify_status(code, msg);
+            let kind = match &got {
+                StoreError::RefusingWrites(_) => "refusing",
+                StoreError::Auth(_) => "auth",
+                StoreError::PermissionDenied(_) => "denied",
+                StoreError::LeaseNotFound => "lease",
+                StoreError::BadRequest(_) => "bad",
+                StoreError::Unreachable(_) => "unreachable",
+            };
+            assert_eq!(kind, want, "{code:?} {msg:?} -> {got:?}");
+        }
+        assert_eq!(
+            classify_status(
+                Code::ResourceExhausted,
+                "etcdserver: mvcc: database space exceeded"
+            )
+            .to_string(),
+            "etcd refuses writes: database space exceeded (NOSPACE alarm)"
+        );
+    }
 }

@@ -8,10 +8,13 @@
 //! etcd request is counted and timed in one place.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::error::StoreError;
+use crate::health::EtcdState;
+use crate::liveness::Stalls;
 use crate::worker::{Store, StoredKv};
 
 /// etcd operations, as the `op` label.
@@ -47,14 +50,27 @@ impl Op {
     }
 }
 
-const OUTCOMES: [&str; 4] = ["ok", "unavailable", "lease_not_found", "rejected"];
+/// `unavailable` is etcd unreachable and `rejected` one bad request, the
+/// names these outcomes had before the other refusals had their own.
+const OUTCOMES: [&str; 7] = [
+    "ok",
+    "unavailable",
+    "lease_not_found",
+    "rejected",
+    "refusing_writes",
+    "auth",
+    "permission_denied",
+];
 
 fn outcome_index<T>(r: &Result<T, StoreError>) -> usize {
     match r {
         Ok(_) => 0,
-        Err(StoreError::Unavailable(_)) => 1,
+        Err(StoreError::Unreachable(_)) => 1,
         Err(StoreError::LeaseNotFound) => 2,
-        Err(StoreError::Rejected(_)) => 3,
+        Err(StoreError::BadRequest(_)) => 3,
+        Err(StoreError::RefusingWrites(_)) => 4,
+        Err(StoreError::Auth(_)) => 5,
+        Err(StoreError::PermissionDenied(_)) => 6,
     }
 }
 
@@ -137,12 +153,18 @@ pub struct Metrics {
     limit_hits: [AtomicU64; LIMITS.len()],
     registrations: [AtomicU64; 3],
     removals: [AtomicU64; REMOVAL_REASONS.len()],
-    etcd_requests: [[AtomicU64; 4]; 6],
+    etcd_requests: [[AtomicU64; OUTCOMES.len()]; 6],
     etcd_latency: [Histogram; 6],
     lease_regrants: AtomicU64,
     queue: AtomicI64,
     pending_keys: AtomicI64,
-    etcd_up: AtomicI64,
+    /// Index of the current `EtcdState` in `EtcdState::ALL` (0: ok).
+    etcd_state: AtomicUsize,
+    /// When the oldest registration still waiting for etcd arrived.
+    oldest_waiting: Mutex<Option<Instant>>,
+    /// Stalls of skyapi itself, as connection threads and the worker saw
+    /// them.
+    pub stalls: Stalls,
 }
 
 impl Metrics {
@@ -193,8 +215,16 @@ impl Metrics {
         self.pending_keys.store(n as i64, Ordering::Relaxed);
     }
 
-    pub fn set_etcd_up(&self, up: bool) {
-        self.etcd_up.store(up as i64, Ordering::Relaxed);
+    pub fn set_etcd_state(&self, state: EtcdState) {
+        let i = EtcdState::ALL.iter().position(|s| *s == state).unwrap_or(0);
+        self.etcd_state.store(i, Ordering::Relaxed);
+    }
+
+    pub fn set_oldest_waiting(&self, since: Option<Instant>) {
+        *self
+            .oldest_waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = since;
     }
 
     fn etcd_request<T>(&self, op: Op, started: Instant, r: &Result<T, StoreError>) {
@@ -358,17 +388,61 @@ impl Metrics {
             get(&self.lease_regrants)
         );
 
+        let state = self.etcd_state.load(Ordering::Relaxed);
         family(
             &mut out,
             "skyapi_etcd_up",
             "gauge",
-            "1 while etcd answers the worker, else 0.",
+            "1 while etcd stores registrations, else 0 (see skyapi_etcd_state).",
+        );
+        let _ = writeln!(out, "skyapi_etcd_up {}", (state == 0) as u8);
+
+        family(
+            &mut out,
+            "skyapi_etcd_state",
+            "gauge",
+            "1 for the state etcd is in as the worker last found it, else 0.",
+        );
+        for (i, s) in EtcdState::ALL.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "skyapi_etcd_state{{state=\"{}\"}} {}",
+                s.label(),
+                (i == state) as u8
+            );
+        }
+
+        let oldest = *self
+            .oldest_waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        family(
+            &mut out,
+            "skyapi_oldest_waiting_registration_seconds",
+            "gauge",
+            "Age of the oldest registration waiting for etcd to store it; 0 if none.",
         );
         let _ = writeln!(
             out,
-            "skyapi_etcd_up {}",
-            self.etcd_up.load(Ordering::Relaxed)
+            "skyapi_oldest_waiting_registration_seconds {}",
+            oldest.map_or(0.0, |t| t.elapsed().as_secs_f64())
         );
+
+        family(
+            &mut out,
+            "skyapi_stalls_total",
+            "counter",
+            "Times skyapi itself did not run for longer than a ping interval \
+             (process stopped, host overloaded, VM paused).",
+        );
+        let _ = writeln!(out, "skyapi_stalls_total {}", self.stalls.count());
+        family(
+            &mut out,
+            "skyapi_stall_seconds_total",
+            "counter",
+            "Total length of those stalls.",
+        );
+        let _ = writeln!(out, "skyapi_stall_seconds_total {}", self.stalls.seconds());
 
         family(
             &mut out,
@@ -436,6 +510,13 @@ impl<S: Store> Store for Metered<S> {
     }
     fn delete_owned(&mut self, keys: &[String], lease: i64) -> Result<(), StoreError> {
         self.timed(Op::Delete, |s| s.delete_owned(keys, lease))
+    }
+    fn rewrite_owned(
+        &mut self,
+        kv: &(String, String),
+        lease: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        self.timed(Op::Put, |s| s.rewrite_owned(kv, lease))
     }
     fn list(&mut self, dir: &str) -> Result<Vec<StoredKv>, StoreError> {
         self.timed(Op::Range, |s| s.list(dir))

@@ -38,13 +38,14 @@ use crate::auth::{self, Tokens};
 use crate::config::{Config, Limits};
 use crate::connection::{self, Live};
 use crate::etcd::EtcdStore;
+use crate::health::{EtcdState, SharedHealth};
 use crate::http;
 use crate::listen::Listeners;
 use crate::metrics::{Metered, Metrics};
 use crate::provide::Layout;
 use crate::supervisor::{self, Supervisor};
 use crate::transport::Socket;
-use crate::worker::{self, ConnId, SharedHealth, Stop, WorkerHandle};
+use crate::worker::{self, ConnId, Stop, WorkerHandle};
 
 /// Stack of a connection thread. The deepest path (handshake, JSON, logging)
 /// needs well under this; only touched pages cost memory.
@@ -239,16 +240,23 @@ impl Shared {
         };
         let etcd = {
             let h = self.health.lock().unwrap_or_else(|p| p.into_inner());
-            match (&h.etcd_up, &h.last_error) {
-                (true, _) => "etcd up".to_string(),
-                (false, Some(e)) => format!("etcd unavailable ({e}), {} keys queued", h.pending),
-                (false, None) => "etcd not answered yet".to_string(),
+            match (h.state, &h.last_error) {
+                (EtcdState::Ok, _) => "etcd ok".to_string(),
+                (_, None) => "etcd not reached yet".to_string(),
+                (state, Some(e)) => {
+                    format!("etcd {} ({e}), {} keys queued", state.label(), h.pending)
+                }
             }
         };
         format!(
             "{} connections, {stored} registrations, {waiting} waiting for etcd; {etcd}",
             self.open_connections()
         )
+    }
+
+    /// When the etcd worker last turned its loop.
+    fn worker_beat(&self) -> Instant {
+        self.health.lock().unwrap_or_else(|p| p.into_inner()).beat
     }
 }
 
@@ -339,11 +347,21 @@ pub fn run(config: Config) -> Result<(), String> {
         inner: store,
         metrics: metrics.clone(),
     };
+    let ttl = config.timeout.as_secs();
     let (worker, health, worker_thread) = worker::spawn(
         store,
         config.timeout,
         config.layout.root_dir(),
         metrics.clone(),
+        // Without its worker nothing is stored or renewed: exit, so a
+        // supervisor restarts skyapi rather than leaving it half alive.
+        Box::new(move |why| {
+            error!(
+                "{why}; exiting so a supervisor restarts skyapi (this instance's \
+                 entries expire with its lease within {ttl}s)"
+            );
+            std::process::exit(1);
+        }),
     )
     .map_err(|e| format!("cannot start the etcd worker: {e}"))?;
 
@@ -404,10 +422,16 @@ pub fn run(config: Config) -> Result<(), String> {
         config.layout.root_name(),
         config.timeout.as_secs()
     );
-    supervisor.ready({
-        let shared = shared.clone();
-        move || shared.status()
-    });
+    supervisor.ready(
+        {
+            let shared = shared.clone();
+            move || shared.status()
+        },
+        {
+            let shared = shared.clone();
+            move || shared.worker_beat()
+        },
+    );
 
     mask_signals(libc::SIG_UNBLOCK);
     let mut signal = SIGTERM;

@@ -9,10 +9,11 @@
 //! Invariants:
 //! - without `$NOTIFY_SOCKET` nothing is sent and no thread is started;
 //! - `WATCHDOG=1` goes out every `$WATCHDOG_USEC`/2 only while both the
-//!   accept loop ([`ACCEPT`]) and the etcd worker ([`WORKER`]) have beaten
-//!   within the last `$WATCHDOG_USEC`/2 (at least [`MIN_STALE`]): a wedged
-//!   loop stops the pings and systemd restarts skyapi. Each loop beats at
-//!   least every [`BEAT_EVERY`] while it is able to work, busy or idle;
+//!   accept loop ([`ACCEPT`]) and the etcd worker (its beat in `Health`)
+//!   have beaten within the last `$WATCHDOG_USEC`/2 (at least
+//!   [`MIN_STALE`]): a wedged loop stops the pings and systemd restarts
+//!   skyapi. Each loop beats on every turn, and an idle one turns at least
+//!   every [`BEAT_EVERY`];
 //! - `STATUS=` is sent when it changes, at most once a second;
 //! - after `STOPPING=1` no other message is sent;
 //! - a failed send is logged once (at warn) and never stops the server.
@@ -34,16 +35,14 @@ pub const MIN_STALE: Duration = Duration::from_secs(3);
 /// `STATUS=` is sent at most this often.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
 
-/// The accept loop's heartbeat: it beats after every wait for connections
+/// The accept loop's heartbeat: it beats before every wait for connections
 /// (at most `BEAT_EVERY` long), so it means "able to accept", idle or not.
+/// (The etcd worker's is `Health::beat`, which `/healthz` reads too.)
 pub static ACCEPT: Heartbeat = Heartbeat::new();
-/// The etcd worker's heartbeat: it beats after every turn of its loop, and
-/// its loop sleeps at most `BEAT_EVERY`.
-pub static WORKER: Heartbeat = Heartbeat::new();
 
-/// When a loop last made progress. Statics, because there is one accept
-/// loop and one etcd worker per process: the hook in each loop stays one
-/// line, and a heartbeat nobody reads costs one relaxed store per turn.
+/// When a loop last made progress. A static, because there is one accept
+/// loop per process: the hook stays one line, and a heartbeat nobody reads
+/// costs one relaxed store per turn.
 pub struct Heartbeat(AtomicU64);
 
 /// The process's reference point for heartbeats (set on first use).
@@ -170,8 +169,13 @@ impl Supervisor {
 
     /// Tells the manager skyapi accepts connections, then keeps `STATUS=`
     /// current and feeds the watchdog on a thread of its own. `status` says
-    /// what skyapi is doing in one line; it is called about once a second.
-    pub fn ready(&self, status: impl Fn() -> String + Send + 'static) {
+    /// what skyapi is doing in one line, `worker_beat` when the etcd worker
+    /// last turned; both are called about once a second.
+    pub fn ready(
+        &self,
+        status: impl Fn() -> String + Send + 'static,
+        worker_beat: impl Fn() -> Instant + Send + 'static,
+    ) {
         let Some(notifier) = self.notifier.clone() else {
             return;
         };
@@ -189,7 +193,9 @@ impl Supervisor {
         let spawned = std::thread::Builder::new()
             .name("supervisor".into())
             .stack_size(64 * 1024)
-            .spawn(move || keep_informed(&notifier, watchdog, &stopping, first, status));
+            .spawn(move || {
+                keep_informed(&notifier, watchdog, &stopping, first, status, worker_beat)
+            });
         if let Err(e) = spawned {
             warn!("cannot start the supervisor thread: {e}; no STATUS= updates or watchdog pings");
         }
@@ -257,6 +263,7 @@ fn keep_informed(
     stopping: &AtomicBool,
     mut last_status: String,
     status: impl Fn() -> String,
+    worker_beat: impl Fn() -> Instant,
 ) {
     let ping_every = watchdog.map(|w| w / 2);
     let stale = ping_every.map(|p| p.max(MIN_STALE));
@@ -292,7 +299,8 @@ fn keep_informed(
         if now.duration_since(pinged) + tick / 2 < every {
             continue;
         }
-        match stalled(ACCEPT.age(), WORKER.age(), started.elapsed(), stale) {
+        let worker = now.saturating_duration_since(worker_beat());
+        match stalled(ACCEPT.age(), Some(worker), started.elapsed(), stale) {
             None => {
                 if let Some(was) = withheld.take() {
                     warn!("the {was} makes progress again: feeding the systemd watchdog");

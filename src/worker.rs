@@ -12,18 +12,27 @@
 //!   sends one keepalive and one range read (the reconcile) every TTL/3;
 //! - a delete only removes a key still attached to our lease, so a key
 //!   another instance has re-put since is left alone;
-//! - nothing is refused because etcd is down: work stays queued and is
-//!   retried every `RETRY` until etcd answers;
-//! - a key shared by several live connections stays until the last one goes.
+//! - nothing is refused because etcd is down or refuses us as a whole
+//!   (unreachable, an alarm, credentials, permissions): work stays queued
+//!   and is retried (every `RETRY`, or backing off while etcd refuses) until
+//!   it is stored; only a request etcd calls bad (too large) fails a
+//!   registration;
+//! - `health` says whether registrations are being stored (`health.rs`);
+//! - a stall of the worker itself (the clock jumped between two turns of its
+//!   loop) is counted once and makes it check its lease at once;
+//! - a key shared by several live connections stays until the last one goes;
+//! - if the worker thread dies (a panic), `spawn`'s `on_death` is called:
+//!   the server logs it and exits non-zero, so a supervisor restarts it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 
 use crate::error::StoreError;
+use crate::health::{EtcdState, Health, SharedHealth, Tracker};
 use crate::metrics::Metrics;
 
 /// Most operations in one etcd transaction: etcd's default `--max-txn-ops`.
@@ -36,8 +45,13 @@ pub const MAX_DELETES_PER_TXN: usize = MAX_TXN_OPS / 2;
 /// How soon failed etcd work is retried. Keeps "written within 2 s of etcd
 /// answering again" with room for one timed-out attempt.
 pub const RETRY: Duration = Duration::from_millis(500);
-/// Longest wait between attempts while etcd refuses us.
+/// Longest wait between attempts while etcd refuses our credentials: each
+/// attempt is a login, a bcrypt on etcd's side.
 pub const MAX_REJECTED_BACKOFF: Duration = Duration::from_secs(30);
+/// Longest wait between attempts while etcd refuses writes (an alarm) or
+/// permission: a refusal is cheap for etcd, and the queue should be written
+/// within seconds of an operator fixing the cause.
+pub const MAX_REFUSED_BACKOFF: Duration = Duration::from_secs(2);
 /// Commands drained from the channel before writing, so a reconnect storm
 /// becomes a few full transactions instead of one per client.
 const MAX_BATCH: usize = 4096;
@@ -85,6 +99,15 @@ pub trait Store {
     ) -> Result<i64, StoreError>;
     /// Deletes each key that is still attached to `lease`, in one transaction.
     fn delete_owned(&mut self, keys: &[String], lease: i64) -> Result<(), StoreError>;
+    /// Puts the pair again only if its key is still attached to `lease`;
+    /// the new `mod_revision` if it did. A write etcd checks against its
+    /// quota and permissions whether or not the key is still ours (which a
+    /// conditional put nested in a transaction, as `put` makes, is not).
+    fn rewrite_owned(
+        &mut self,
+        kv: &(String, String),
+        lease: i64,
+    ) -> Result<Option<i64>, StoreError>;
     /// Every key under `dir`, with its lease and `mod_revision`.
     fn list(&mut self, dir: &str) -> Result<Vec<StoredKv>, StoreError>;
 }
@@ -123,21 +146,6 @@ pub enum Stop {
     /// the stop began (clients that left on their own) are still written.
     Restart,
 }
-
-/// The worker's view of etcd, shared with the HTTP endpoints so `/healthz`
-/// costs no etcd round trip.
-#[derive(Debug, Clone)]
-pub struct Health {
-    pub etcd_up: bool,
-    pub lease: Option<i64>,
-    /// When `etcd_up` last changed, or the worker started.
-    pub since: Instant,
-    pub last_error: Option<String>,
-    /// Keys waiting to be written or deleted.
-    pub pending: usize,
-}
-
-pub type SharedHealth = Arc<Mutex<Health>>;
 
 /// The sending side, cloned into every connection thread.
 #[derive(Clone)]
@@ -192,26 +200,38 @@ impl WorkerHandle {
     }
 }
 
-/// Starts the worker on its own thread.
+/// Called with the reason if the worker thread dies (it panicked).
+pub type OnDeath = Box<dyn FnOnce(String) + Send>;
+
+/// Starts the worker on its own thread. A worker that dies leaves the
+/// lease unrenewed and every registration unanswered, so `on_death` must
+/// not let the process carry on as if healthy.
 pub fn spawn<S: Store + Send + 'static>(
     store: S,
     ttl: Duration,
     dir: String,
     metrics: Arc<Metrics>,
+    on_death: OnDeath,
 ) -> std::io::Result<(WorkerHandle, SharedHealth, std::thread::JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel();
-    let health = Arc::new(Mutex::new(Health {
-        etcd_up: false,
-        lease: None,
-        since: Instant::now(),
-        last_error: None,
-        pending: 0,
-    }));
+    let health = Health::shared(Instant::now());
     let shared = health.clone();
     let m = metrics.clone();
     let thread = std::thread::Builder::new()
         .name("etcd-worker".into())
-        .spawn(move || Worker::new(store, ttl, dir, shared, m).run(rx))?;
+        .spawn(move || {
+            let run = std::panic::AssertUnwindSafe(move || {
+                Worker::new(store, ttl, dir, shared, m).run(rx)
+            });
+            if let Err(panic) = std::panic::catch_unwind(run) {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".into());
+                on_death(format!("the etcd worker died: {what}"));
+            }
+        })?;
     Ok((WorkerHandle { tx, metrics }, health, thread))
 }
 
@@ -222,6 +242,8 @@ struct Desired {
     holders: Vec<(ConnId, String)>,
     /// Registrations waiting for the put to succeed.
     waiters: Vec<Sender<Ack>>,
+    /// When the oldest of `waiters` arrived.
+    waiting_since: Option<Instant>,
     /// etcd's revision of our last put of this key: the reconcile tells a
     /// key changed behind our back by a different `mod_revision`.
     stored_revision: Option<i64>,
@@ -247,7 +269,7 @@ pub struct Worker<S: Store> {
     had_lease: bool,
     /// Consecutive refusals by etcd, for the backoff.
     rejected_streak: u32,
-    health: SharedHealth,
+    health: Tracker,
     metrics: Arc<Metrics>,
 }
 
@@ -274,7 +296,7 @@ impl<S: Store> Worker<S> {
             retry_at: now,
             had_lease: false,
             rejected_streak: 0,
-            health,
+            health: Tracker::new(health, metrics.clone()),
             metrics,
         }
     }
@@ -283,11 +305,18 @@ impl<S: Store> Worker<S> {
         let gather_until = Instant::now() + STARTUP_GATHER;
         self.tick(Instant::now());
         loop {
-            let wait = self
-                .next_deadline()
-                .saturating_duration_since(Instant::now());
-            let wait = wait.min(crate::supervisor::BEAT_EVERY); // systemd watchdog heartbeat
-            match rx.recv_timeout(wait) {
+            // Measured from when the wait could end at the earliest, so a
+            // slow tick (etcd taking its time) is not taken for a stall.
+            let planned = self.next_deadline().max(Instant::now());
+            let planned = planned.min(Instant::now() + crate::supervisor::BEAT_EVERY); // systemd watchdog heartbeat
+            let got = rx.recv_timeout(planned.saturating_duration_since(Instant::now()));
+            let woke = Instant::now();
+            if woke.saturating_duration_since(planned) > self.ttl / 3 {
+                self.metrics.stalls.record(planned, woke, "the etcd worker");
+                // The lease may have expired meanwhile: find out now.
+                self.next_keepalive = woke;
+            }
+            match got {
                 Ok(cmd) => {
                     if !self.handle(cmd) {
                         return;
@@ -319,7 +348,6 @@ impl<S: Store> Worker<S> {
                 }
             }
             self.tick(Instant::now());
-            crate::supervisor::WORKER.beat();
         }
     }
 
@@ -337,6 +365,7 @@ impl<S: Store> Worker<S> {
                 d.holders.retain(|(c, _)| *c != conn);
                 d.holders.push((conn, value));
                 d.waiters.push(ack);
+                d.waiting_since.get_or_insert_with(Instant::now);
                 self.to_delete.remove(&key);
                 self.to_restore.remove(&key);
                 self.to_put.insert(key);
@@ -384,7 +413,7 @@ impl<S: Store> Worker<S> {
             if let Some(lease) = self.lease {
                 match self.store.keep_alive(lease) {
                     Ok(()) => {
-                        self.mark_up();
+                        self.answered(now);
                         self.next_keepalive = now + self.ttl / 3;
                     }
                     Err(e) => {
@@ -402,8 +431,39 @@ impl<S: Store> Worker<S> {
             }
             self.next_reconcile = now + self.ttl / 3;
         }
+        self.probe_writes(now);
         self.flush(now);
-        self.publish();
+        self.publish(now);
+    }
+
+    /// While etcd refuses writes (or permission) and nothing is queued, the
+    /// refusal can only end with a write: put one of our entries again
+    /// (only if it is still ours), on the retry schedule.
+    fn probe_writes(&mut self, now: Instant) {
+        let refusing = matches!(
+            self.health.state(),
+            EtcdState::RefusingWrites | EtcdState::PermissionDenied
+        );
+        if !refusing || now < self.retry_at || self.pending() > 0 {
+            return;
+        }
+        let Some(lease) = self.lease else { return };
+        let Some(kv) = self
+            .entries
+            .iter()
+            .find_map(|(k, d)| Some((k.clone(), d.holders.last()?.1.clone())))
+        else {
+            return;
+        };
+        match self.store.rewrite_owned(&kv, lease) {
+            Ok(revision) => {
+                if let (Some(rev), Some(d)) = (revision, self.entries.get_mut(&kv.0)) {
+                    d.stored_revision = Some(rev);
+                }
+                self.stored(now);
+            }
+            Err(e) => self.failed(e, now),
+        }
     }
 
     fn ensure_lease(&mut self, now: Instant) {
@@ -419,7 +479,7 @@ impl<S: Store> Worker<S> {
                 self.had_lease = true;
                 self.lease = Some(id);
                 self.next_keepalive = now + self.ttl / 3;
-                self.mark_up();
+                self.answered(now);
                 // Whatever we held under an older lease went with it. Put it
                 // back where nobody else has put it since.
                 let lost: Vec<String> = self
@@ -450,13 +510,20 @@ impl<S: Store> Worker<S> {
         if let Err(e) = self.flush_deletes(lease) {
             return self.failed(e, now);
         }
+        let puts = !self.to_put.is_empty() || !self.to_restore.is_empty();
         if let Err(e) = self.flush_puts(lease, false) {
             return self.failed(e, now);
         }
         if let Err(e) = self.flush_puts(lease, true) {
             return self.failed(e, now);
         }
-        self.mark_up();
+        // etcd takes deletes even at its space quota: only a put proves
+        // that registrations are being stored.
+        if puts {
+            self.stored(now);
+        } else {
+            self.answered(now);
+        }
     }
 
     /// Writes `to_delete` in batches; a batch etcd rejects is split until
@@ -472,8 +539,8 @@ impl<S: Store> Worker<S> {
                         self.to_delete.remove(k);
                     }
                 }
-                Err(StoreError::Rejected(_)) if chunk.len() > 1 => batch = chunk.len() / 2,
-                Err(StoreError::Rejected(why)) => {
+                Err(StoreError::BadRequest(_)) if chunk.len() > 1 => batch = chunk.len() / 2,
+                Err(StoreError::BadRequest(why)) => {
                     // The lease expiry removes it if the process goes.
                     error!("etcd refuses to delete {}: {why}", chunk[0]);
                     self.to_delete.remove(&chunk[0]);
@@ -512,11 +579,11 @@ impl<S: Store> Worker<S> {
             } else {
                 match self.store.put(&chunk, lease, restore) {
                     Ok(rev) => Some(rev),
-                    Err(StoreError::Rejected(_)) if keys.len() > 1 => {
+                    Err(StoreError::BadRequest(_)) if keys.len() > 1 => {
                         batch = keys.len() / 2;
                         continue;
                     }
-                    Err(StoreError::Rejected(why)) => {
+                    Err(StoreError::BadRequest(why)) => {
                         error!("etcd refuses to store {}: {why}", keys[0]);
                         self.to_put.remove(&keys[0]);
                         self.to_restore.remove(&keys[0]);
@@ -539,6 +606,7 @@ impl<S: Store> Worker<S> {
                     // After a conditional put the key may be another
                     // instance's; the reconcile then sees its lease, not ours.
                     d.stored_revision = revision;
+                    d.waiting_since = None;
                     for w in d.waiters.drain(..) {
                         // The connection may have gone meanwhile.
                         let _ = w.send(Ok(()));
@@ -558,6 +626,7 @@ impl<S: Store> Worker<S> {
             Ok(kvs) => kvs,
             Err(e) => return self.failed(e, now),
         };
+        self.answered(now);
         let stored: BTreeMap<&str, &StoredKv> =
             stored.iter().map(|kv| (kv.key.as_str(), kv)).collect();
         for (key, d) in &self.entries {
@@ -584,7 +653,12 @@ impl<S: Store> Worker<S> {
         }
     }
 
+    /// Sets the retry schedule for a failed etcd call, by what failed.
     fn failed(&mut self, e: StoreError, now: Instant) {
+        let backoff = |streak: &mut u32, cap: Duration| {
+            *streak = streak.saturating_add(1);
+            (RETRY * 2u32.saturating_pow((*streak).min(6))).min(cap)
+        };
         match e {
             StoreError::LeaseNotFound => {
                 if let Some(old) = self.lease.take() {
@@ -597,43 +671,42 @@ impl<S: Store> Worker<S> {
                 self.retry_at = now;
                 self.next_keepalive = now;
             }
-            StoreError::Unavailable(ref why) | StoreError::Rejected(ref why) => {
-                // etcd down: retry soon, so work is written promptly when it
-                // is back. etcd refusing (a wrong password, no permission):
-                // back off up to `MAX_REJECTED_BACKOFF`, since asking again at
-                // once changes nothing and costs etcd (a login is a bcrypt).
-                self.retry_at = match e {
-                    StoreError::Rejected(_) => {
-                        self.rejected_streak = self.rejected_streak.saturating_add(1);
-                        let backoff = RETRY * 2u32.saturating_pow(self.rejected_streak.min(6));
-                        now + backoff.min(MAX_REJECTED_BACKOFF)
-                    }
-                    _ => now + RETRY,
-                };
-                let pending = self.pending();
-                let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
-                // Warn on the way down, and on the first failure at start-up.
-                if h.etcd_up || h.last_error.is_none() {
-                    warn!("{e}; {pending} keys queued until it answers");
-                    h.etcd_up = false;
-                    h.since = Instant::now();
-                    self.metrics.set_etcd_up(false);
-                } else {
-                    debug!("{e}");
-                }
-                h.last_error = Some(why.clone());
+            // A bad request outside a write (a grant, a read): nothing to
+            // split or give up; wait, loudly.
+            StoreError::BadRequest(ref why) => {
+                error!("etcd refused a request skyapi needs: {why}");
+                self.retry_at = now + backoff(&mut self.rejected_streak, MAX_REJECTED_BACKOFF);
+            }
+            StoreError::Unreachable(_) => {
+                // Retry soon, so work is written promptly when etcd is back.
+                self.retry_at = now + RETRY;
+                self.health.failed(&e, self.pending(), now);
+            }
+            StoreError::RefusingWrites(_) | StoreError::PermissionDenied(_) => {
+                self.retry_at = now + backoff(&mut self.rejected_streak, MAX_REFUSED_BACKOFF);
+                self.health.failed(&e, self.pending(), now);
+            }
+            StoreError::Auth(_) => {
+                // The store has logged in afresh and retried once already;
+                // asking again at once changes nothing and costs a bcrypt.
+                self.retry_at = now + backoff(&mut self.rejected_streak, MAX_REJECTED_BACKOFF);
+                self.health.failed(&e, self.pending(), now);
             }
         }
     }
 
-    fn mark_up(&mut self) {
+    /// A write succeeded.
+    fn stored(&mut self, now: Instant) {
         self.rejected_streak = 0;
-        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
-        if !h.etcd_up {
-            info!("etcd answers");
-            self.metrics.set_etcd_up(true);
-            h.etcd_up = true;
-            h.since = Instant::now();
+        self.health.stored(now);
+    }
+
+    /// A keepalive, grant or read succeeded.
+    fn answered(&mut self, now: Instant) {
+        self.health
+            .answered(self.pending(), self.entries.len(), now);
+        if self.health.state() == EtcdState::Ok {
+            self.rejected_streak = 0;
         }
     }
 
@@ -641,12 +714,15 @@ impl<S: Store> Worker<S> {
         self.to_put.len() + self.to_restore.len() + self.to_delete.len()
     }
 
-    fn publish(&mut self) {
+    /// Publishes the queue and the worker's heartbeat.
+    fn publish(&mut self, now: Instant) {
         let pending = self.pending();
-        self.metrics.set_pending_keys(pending);
-        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
-        h.lease = self.lease;
-        h.pending = pending;
+        let oldest = self
+            .to_put
+            .iter()
+            .filter_map(|k| self.entries.get(k)?.waiting_since)
+            .min();
+        self.health.publish(self.lease, pending, oldest, now);
     }
 
     fn shutdown(&mut self, stop: Stop) {
@@ -660,7 +736,8 @@ impl<S: Store> Worker<S> {
             (Stop::Restart, Some(lease)) => {
                 // Only deletes: a put now would only be moved again by the
                 // next instance, and each request here delays the exit.
-                let deleted = if self.to_delete.is_empty() || !self.etcd_up() {
+                let unreachable = self.health.state() == EtcdState::Unreachable;
+                let deleted = if self.to_delete.is_empty() || unreachable {
                     Ok(())
                 } else {
                     self.flush_deletes(lease)
@@ -683,13 +760,6 @@ impl<S: Store> Worker<S> {
             }
         }
     }
-
-    fn etcd_up(&self) -> bool {
-        self.health
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .etcd_up
-    }
 }
 
 #[cfg(test)]
@@ -710,6 +780,8 @@ mod tests {
         next_lease: i64,
         down: bool,
         refused: BTreeSet<String>,
+        /// Every put and grant fails with this (an alarm, a role change).
+        refuse_writes: Option<StoreError>,
         calls: Vec<&'static str>,
     }
 
@@ -721,10 +793,10 @@ mod tests {
             let mut e = self.0.borrow_mut();
             e.calls.push(op);
             if e.down {
-                return Err(StoreError::Unavailable("down".into()));
+                return Err(StoreError::Unreachable("down".into()));
             }
             if ops > MAX_TXN_OPS {
-                return Err(StoreError::Rejected(
+                return Err(StoreError::BadRequest(
                     "etcdserver: too many operations in txn request".into(),
                 ));
             }
@@ -754,6 +826,9 @@ mod tests {
         fn grant(&mut self, _ttl: i64) -> Result<i64, StoreError> {
             self.check("grant", 1)?;
             let mut e = self.0.borrow_mut();
+            if let Some(err) = &e.refuse_writes {
+                return Err(err.clone());
+            }
             e.next_lease += 1;
             let id = e.next_lease;
             e.leases.insert(id);
@@ -791,7 +866,10 @@ mod tests {
                 return Err(StoreError::LeaseNotFound);
             }
             if let Some((k, _)) = kvs.iter().find(|(k, _)| e.refused.contains(k)) {
-                return Err(StoreError::Rejected(format!("permission denied: {k}")));
+                return Err(StoreError::BadRequest(format!("request is too large: {k}")));
+            }
+            if let Some(e) = &e.refuse_writes {
+                return Err(e.clone());
             }
             e.revision += 1;
             let rev = e.revision;
@@ -801,6 +879,24 @@ mod tests {
                 }
             }
             Ok(rev)
+        }
+        fn rewrite_owned(
+            &mut self,
+            (k, v): &(String, String),
+            lease: i64,
+        ) -> Result<Option<i64>, StoreError> {
+            self.check("put", 1)?;
+            let mut e = self.0.borrow_mut();
+            if let Some(err) = &e.refuse_writes {
+                return Err(err.clone());
+            }
+            if e.kv.get(k).is_none_or(|(_, l, _)| *l != lease) {
+                return Ok(None);
+            }
+            e.revision += 1;
+            let rev = e.revision;
+            e.kv.insert(k.clone(), (v.clone(), lease, rev));
+            Ok(Some(rev))
         }
         fn delete_owned(&mut self, keys: &[String], lease: i64) -> Result<(), StoreError> {
             // An outer operation and a nested one per key, as etcd counts.
@@ -832,13 +928,7 @@ mod tests {
     }
 
     fn worker(fake: &Fake) -> Worker<Fake> {
-        let health = Arc::new(Mutex::new(Health {
-            etcd_up: false,
-            lease: None,
-            since: Instant::now(),
-            last_error: None,
-            pending: 0,
-        }));
+        let health = Health::shared(Instant::now());
         Worker::new(
             fake.clone(),
             Duration::from_secs(30),
@@ -910,12 +1000,12 @@ mod tests {
         let t0 = Instant::now();
         w.tick(t0);
         assert!(ack.try_recv().is_err(), "no answer while etcd is down");
-        assert!(!w.health.lock().unwrap().etcd_up);
+        assert_eq!(w.health.state(), EtcdState::Unreachable);
         fake.0.borrow_mut().down = false;
         w.tick(t0 + RETRY);
         assert_eq!(ack.try_recv(), Ok(Ok(())));
         assert!(fake.get("/d/a").is_some());
-        assert!(w.health.lock().unwrap().etcd_up);
+        assert_eq!(w.health.state(), EtcdState::Ok);
     }
 
     #[test]
@@ -1122,5 +1212,124 @@ mod tests {
         unregister(&mut w, 1, "/d/a");
         w.tick(t0 + Duration::from_secs(11));
         assert_eq!(fake.get("/d/a").unwrap(), ("new".into(), 99));
+    }
+
+    /// etcd at its space quota: every put refused, keepalives answered.
+    fn nospace() -> StoreError {
+        StoreError::RefusingWrites("database space exceeded (NOSPACE alarm)".into())
+    }
+
+    #[test]
+    fn refused_writes_keep_registrations_queued_and_health_steady() {
+        for refusal in [
+            nospace(),
+            StoreError::PermissionDenied("etcdserver: permission denied".into()),
+            StoreError::Auth("etcdserver: revision of auth store is old".into()),
+        ] {
+            let fake = Fake::default();
+            let mut w = worker(&fake);
+            let first = register(&mut w, 1, "/d/a", "v");
+            let t0 = Instant::now();
+            w.tick(t0);
+            assert_eq!(first.try_recv(), Ok(Ok(())));
+            fake.0.borrow_mut().refuse_writes = Some(refusal.clone());
+            let ack = register(&mut w, 2, "/d/b", "w");
+            let want = EtcdState::of(&refusal).unwrap();
+            for ms in (0..60_000).step_by(100) {
+                w.tick(t0 + Duration::from_millis(ms));
+                assert_eq!(w.health.state(), want, "{refusal} at {ms} ms");
+                assert!(ack.try_recv().is_err(), "{refusal}: the registration waits");
+            }
+            assert!(fake.count("keepalive") >= 5, "keepalives went on meanwhile");
+            assert!(
+                fake.count("put") as u64 <= 60 / MAX_REFUSED_BACKOFF.as_secs() + 8,
+                "{refusal}: backed off, {} puts",
+                fake.count("put")
+            );
+            assert!(w.health.health().oldest_waiting.is_some());
+            fake.0.borrow_mut().refuse_writes = None;
+            let back = t0 + Duration::from_secs(60);
+            let bound = if want == EtcdState::Auth {
+                MAX_REJECTED_BACKOFF
+            } else {
+                MAX_REFUSED_BACKOFF
+            };
+            w.tick(back + bound);
+            assert_eq!(ack.try_recv(), Ok(Ok(())), "{refusal}: stored once it may");
+            assert_eq!(w.health.state(), EtcdState::Ok);
+            assert_eq!(w.health.health().oldest_waiting, None);
+        }
+    }
+
+    #[test]
+    fn only_a_write_ends_refused_writes_even_with_nothing_queued() {
+        let fake = Fake::default();
+        let mut w = worker(&fake);
+        register(&mut w, 1, "/d/a", "v");
+        let t0 = Instant::now();
+        w.tick(t0);
+        fake.0.borrow_mut().refuse_writes = Some(nospace());
+        // A registration that leaves again before it is stored.
+        let _gone = register(&mut w, 2, "/d/b", "w");
+        w.tick(t0 + Duration::from_secs(1));
+        unregister(&mut w, 2, "/d/b");
+        for s in 2..30 {
+            w.tick(t0 + Duration::from_secs(s));
+            assert_eq!(w.health.state(), EtcdState::RefusingWrites, "at {s} s");
+        }
+        fake.0.borrow_mut().refuse_writes = None;
+        w.tick(t0 + Duration::from_secs(30) + MAX_REFUSED_BACKOFF);
+        assert_eq!(w.health.state(), EtcdState::Ok, "a probing write succeeded");
+        assert_eq!(
+            fake.get("/d/a").unwrap().0,
+            "v",
+            "the probe changed nothing"
+        );
+    }
+
+    #[test]
+    fn a_dead_worker_is_reported() {
+        struct Panics;
+        impl Store for Panics {
+            fn grant(&mut self, _: i64) -> Result<i64, StoreError> {
+                panic!("boom in grant")
+            }
+            fn keep_alive(&mut self, _: i64) -> Result<(), StoreError> {
+                unreachable!()
+            }
+            fn revoke(&mut self, _: i64) -> Result<(), StoreError> {
+                unreachable!()
+            }
+            fn put(&mut self, _: &[(String, String)], _: i64, _: bool) -> Result<i64, StoreError> {
+                unreachable!()
+            }
+            fn delete_owned(&mut self, _: &[String], _: i64) -> Result<(), StoreError> {
+                unreachable!()
+            }
+            fn rewrite_owned(
+                &mut self,
+                _: &(String, String),
+                _: i64,
+            ) -> Result<Option<i64>, StoreError> {
+                unreachable!()
+            }
+            fn list(&mut self, _: &str) -> Result<Vec<StoredKv>, StoreError> {
+                unreachable!()
+            }
+        }
+        let (tx, rx) = mpsc::channel();
+        let (_handle, _health, thread) = spawn(
+            Panics,
+            Duration::from_secs(30),
+            "/d/".into(),
+            Arc::default(),
+            Box::new(move |why| tx.send(why).unwrap()),
+        )
+        .unwrap();
+        let why = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("on_death called");
+        assert_eq!(why, "the etcd worker died: boom in grant");
+        thread.join().unwrap();
     }
 }

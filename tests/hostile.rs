@@ -508,6 +508,11 @@ fn sighup_reloads_tokens_and_a_malformed_file_keeps_the_old_ones() {
         );
         if let Some(mut ws) = ws {
             close(&mut ws, DELETE_WITHIN);
+            // Gone before the next snapshot: the delete follows the close.
+            assert!(
+                poll_until(DELETE_WITHIN, || etcd.get_prefix(ROOT).is_empty()),
+                "the entry stayed after its close"
+            );
         }
         outcome
     };

@@ -28,7 +28,8 @@ use tungstenite::handshake::{HandshakeError, MidHandshake};
 use tungstenite::Message;
 
 use super::client::{is_timeout, next_event, socket_addr_of, tcp_connect, Event, Ws};
-use super::{poll_until, Etcd};
+use super::pki::openssl;
+use super::{poll_until, Etcd, TempDir};
 
 /// How often the fleet thread reads every client.
 const PUMP_TICK: Duration = Duration::from_millis(25);
@@ -625,4 +626,82 @@ impl Drop for TcpProxy {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
     }
+}
+
+/// `--quota-backend-bytes` for [`fill_to_quota`]: 1 MiB, which a dozen
+/// 100 kB values exceed.
+pub const TINY_QUOTA: &str = "1048576";
+
+/// Puts 100 kB values under `/fill/` until etcd (started with
+/// `--quota-backend-bytes` [`TINY_QUOTA`]) raises its NOSPACE alarm and
+/// refuses every write with "database space exceeded".
+pub fn fill_to_quota(etcd: &Etcd) {
+    let value = "x".repeat(100_000);
+    for i in 0..200 {
+        match etcd.etcdctl(&["put", &format!("/fill/{i}"), &value]) {
+            Ok(_) => {}
+            Err(e) if e.contains("database space exceeded") => {
+                let alarms = etcd.etcdctl(&["alarm", "list"]).unwrap_or_default();
+                assert!(alarms.contains("NOSPACE"), "no NOSPACE alarm: {alarms:?}");
+                return;
+            }
+            Err(e) => panic!("filling etcd: {e}"),
+        }
+    }
+    panic!("etcd took 20 MB without reaching its quota: was it started with a tiny one?");
+}
+
+/// What an operator does about a NOSPACE alarm: delete the filler, compact
+/// to the current revision, defragment, disarm the alarm.
+pub fn clear_quota(etcd: &Etcd) {
+    let must = |args: &[&str]| etcd.etcdctl(args).unwrap_or_else(|e| panic!("{e}"));
+    must(&["del", "--prefix", "/fill/"]);
+    let status: Value = serde_json::from_str(&must(&["endpoint", "status", "-w", "json"]))
+        .expect("endpoint status is JSON");
+    let revision = status[0]["Status"]["header"]["revision"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("no revision in {status}"));
+    must(&["compact", &revision.to_string()]);
+    must(&["defrag"]);
+    must(&["alarm", "disarm"]);
+}
+
+/// The root user's credentials on [`jwt_etcd`].
+pub const JWT_ROOT: &str = "root:rootpw";
+
+/// A member issuing RS256 JWT auth tokens (keys made with openssl in
+/// `dir`), auth enabled, with user `skyapi` (password `pw`) allowed to
+/// read and write under `/skydns/`. Every later change to users or roles
+/// makes etcd refuse the tokens issued before it with "revision of auth
+/// store is old".
+pub fn jwt_etcd(dir: &TempDir) -> Etcd {
+    openssl(&dir.0, &["genrsa", "-out", "jwt.key", "2048"]);
+    openssl(
+        &dir.0,
+        &["rsa", "-in", "jwt.key", "-pubout", "-out", "jwt.pub"],
+    );
+    let token = format!(
+        "jwt,pub-key={},priv-key={},sign-method=RS256,ttl=10m",
+        dir.path("jwt.pub").display(),
+        dir.path("jwt.key").display()
+    );
+    let etcd = Etcd::start_with(&["--auth-token", &token], None);
+    for args in [
+        &["user", "add", JWT_ROOT][..],
+        &["user", "add", "skyapi:pw"],
+        &["role", "add", "skydns-rw"],
+        &[
+            "role",
+            "grant-permission",
+            "skydns-rw",
+            "readwrite",
+            "/skydns/",
+            "--prefix=true",
+        ],
+        &["user", "grant-role", "skyapi", "skydns-rw"],
+        &["auth", "enable"],
+    ] {
+        etcd.must_as(None, args);
+    }
+    etcd
 }
