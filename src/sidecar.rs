@@ -403,11 +403,14 @@ pub fn run_check(check: &Check) -> Result<(), String> {
             s.set_read_timeout(Some(IO_TIMEOUT))
                 .and_then(|_| s.set_write_timeout(Some(IO_TIMEOUT)))
                 .map_err(|e| e.to_string())?;
-            write!(
-                s,
+            // One write: `write!` sends each formatted piece on its own, and
+            // a server that answers (and closes) after the first piece would
+            // make the next one fail with EPIPE.
+            let request = format!(
                 "GET {path} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: skyapi-provide\r\n\r\n"
-            )
-            .map_err(|e| format!("{addr}: {e}"))?;
+            );
+            s.write_all(request.as_bytes())
+                .map_err(|e| format!("{addr}: {e}"))?;
             // The status line may arrive in pieces: read until its end (or
             // 64 bytes, plenty for "HTTP/1.1 200 OK").
             let mut head = Vec::with_capacity(64);

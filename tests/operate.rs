@@ -909,10 +909,11 @@ fn sidecar_fails_over_between_servers() {
         &key,
         true,
     );
-    assert_eq!(
-        side.lines_with(&format!("at {second_url}")).len(),
-        1,
-        "registered at the second server"
+    // The welcome (and so the log line) follows the put that made the key.
+    eventually(
+        "the sidecar logs its registration at the second server",
+        Duration::from_secs(5),
+        || (side.lines_with(&format!("at {second_url}")).len() == 1).then_some(()),
     );
     assert_eq!(services(second.addr(), "?service=foo").len(), 1);
 
