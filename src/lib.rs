@@ -14,12 +14,18 @@
 //! - `health`: whether registrations are being stored, for `/healthz`;
 //! - `endpoints`: `/healthz`, `/metrics`, `/services`;
 //! - `metrics`: counters and the Prometheus text writer;
-//! - `server`: listener, accept loop, signals and shutdown;
+//! - `server`: accept loop, signals and shutdown;
+//! - `listen`: the listening sockets, bound or passed by systemd, and the
+//!   wait for connections on them;
+//! - `activation`: systemd's socket-activation protocol (`LISTEN_FDS`);
+//! - `supervisor`: systemd's notify protocol: readiness, status, watchdog;
+//! - `logging`: log lines for a terminal or for the journal;
 //! - `sidecar`: `skyapi provide`, the reconnecting client;
 //! - `tls`: rustls configuration for wss://;
 //! - `transport`: the socket with a per-read deadline, plain or under TLS;
 //! - `error`: the error types of each boundary.
 
+pub mod activation;
 pub mod admin;
 pub mod auth;
 pub mod config;
@@ -29,11 +35,14 @@ pub mod error;
 pub mod etcd;
 pub mod health;
 pub mod http;
+pub mod listen;
 pub mod liveness;
+pub mod logging;
 pub mod metrics;
 pub mod provide;
 pub mod server;
 pub mod sidecar;
+pub mod supervisor;
 pub mod tls;
 pub mod transport;
 pub mod worker;

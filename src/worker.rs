@@ -308,6 +308,7 @@ impl<S: Store> Worker<S> {
             // Measured from when the wait could end at the earliest, so a
             // slow tick (etcd taking its time) is not taken for a stall.
             let planned = self.next_deadline().max(Instant::now());
+            let planned = planned.min(Instant::now() + crate::supervisor::BEAT_EVERY); // systemd watchdog heartbeat
             let got = rx.recv_timeout(planned.saturating_duration_since(Instant::now()));
             let woke = Instant::now();
             if woke.saturating_duration_since(planned) > self.ttl / 3 {
