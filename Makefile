@@ -74,7 +74,7 @@ run: release
 test: deps
 	@$(MAKE) --no-print-directory deb || echo "make deb failed: the package tests in tests/systemd.rs will fail"
 	@mkdir -p target
-	set -o pipefail; $(CARGO) test --all-targets 2>&1 | tee target/test.log
+	set -o pipefail; $(CARGO) test --all-targets --no-fail-fast 2>&1 | tee target/test.log
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "tests: %d passed, %d failed\n", p, f }' target/test.log
 
 lint: deps
