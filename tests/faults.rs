@@ -1631,17 +1631,9 @@ fn etcd_refusing_writes_is_a_steady_503_until_a_write_succeeds() {
 
 // ----------------------------------------------- 12. stale auth tokens
 
-/// etcd with JWT auth tokens: every change to users or roles makes etcd
-/// refuse the tokens issued before it ("revision of auth store is old").
-/// skyapi logs in again and retries: registrations made right after each
-/// change are stored, none is refused, `/healthz` stays 200.
-#[test]
-fn stale_jwt_tokens_are_refreshed_not_fatal() {
-    let _w = watchdog(TEST_LIMIT);
-    let dir = TempDir::new("jwt");
-    let etcd = jwt_etcd(&dir);
-    let root = Some(JWT_ROOT);
-    let sky = Skyapi::server(
+/// skyapi logged in as the user `skyapi` (see `AUTH_SETUP`), `--timeout 6`.
+fn skyapi_as_user(etcd: &Etcd) -> Skyapi {
+    Skyapi::server(
         &[
             "--listen-addr",
             "127.0.0.1:0",
@@ -1653,7 +1645,20 @@ fn stale_jwt_tokens_are_refreshed_not_fatal() {
             "6",
         ],
         &[("SKYAPI_ETCD_PASSWORD", "pw")],
-    );
+    )
+}
+
+/// etcd with JWT auth tokens: every change to users or roles makes etcd
+/// refuse the tokens issued before it ("revision of auth store is old").
+/// skyapi logs in again and retries: registrations made right after each
+/// change are stored, none is refused, `/healthz` stays 200.
+#[test]
+fn stale_jwt_tokens_are_refreshed_not_fatal() {
+    let _w = watchdog(TEST_LIMIT);
+    let dir = TempDir::new("jwt");
+    let etcd = jwt_etcd(&dir);
+    let root = Some(JWT_ROOT);
+    let sky = skyapi_as_user(&etcd);
     let fleet = Fleet::new();
     let mut ids = vec![fleet.register("first", &sky.url(&query("first", 1000)))];
     for round in 1..=5u16 {
@@ -1713,19 +1718,7 @@ fn permission_denied_is_waited_out_not_fatal() {
     let dir = TempDir::new("perm");
     let etcd = jwt_etcd(&dir);
     let root = Some(JWT_ROOT);
-    let sky = Skyapi::server(
-        &[
-            "--listen-addr",
-            "127.0.0.1:0",
-            "--etcd-api",
-            &etcd.endpoint(),
-            "--etcd-user",
-            "skyapi",
-            "--timeout",
-            "6",
-        ],
-        &[("SKYAPI_ETCD_PASSWORD", "pw")],
-    );
+    let sky = skyapi_as_user(&etcd);
     let fleet = Fleet::new();
     let c_foo = fleet.register("foo", &sky.url(&query("foo", 9999)));
     let grant = [

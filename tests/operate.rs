@@ -26,7 +26,7 @@ const TEST_LIMIT: Duration = Duration::from_secs(90);
 /// Where entries live with the default `--etcd-prefix` and `--dns-root`.
 const ROOT: &str = "/skydns/";
 /// etcd's root user in the auth test, for reading back.
-const ROOT_USER: &str = "root:rootpw";
+const ROOT_USER: &str = support::etcd::ROOT_USER;
 
 // --------------------------------------------------------------- helpers
 
@@ -1251,21 +1251,7 @@ fn etcd_auth_survives_token_expiry_and_a_wrong_password_is_unhealthy() {
         "--log-level",
         "info",
     ]);
-    for args in [
-        &["user", "add", ROOT_USER][..],
-        &["user", "add", "skyapi:pw"],
-        &["role", "add", "skydns-rw"],
-        &[
-            "role",
-            "grant-permission",
-            "skydns-rw",
-            "readwrite",
-            "/skydns/",
-            "--prefix=true",
-        ],
-        &["user", "grant-role", "skyapi", "skydns-rw"],
-        &["auth", "enable"],
-    ] {
+    for args in support::etcd::AUTH_SETUP {
         node.must(None, args);
     }
     assert!(

@@ -667,7 +667,7 @@ pub fn clear_quota(etcd: &Etcd) {
 }
 
 /// The root user's credentials on [`jwt_etcd`].
-pub const JWT_ROOT: &str = "root:rootpw";
+pub const JWT_ROOT: &str = super::etcd::ROOT_USER;
 
 /// A member issuing RS256 JWT auth tokens (keys made with openssl in
 /// `dir`), auth enabled, with user `skyapi` (password `pw`) allowed to
@@ -686,21 +686,7 @@ pub fn jwt_etcd(dir: &TempDir) -> Etcd {
         dir.path("jwt.key").display()
     );
     let etcd = Etcd::start_with(&["--auth-token", &token], None);
-    for args in [
-        &["user", "add", JWT_ROOT][..],
-        &["user", "add", "skyapi:pw"],
-        &["role", "add", "skydns-rw"],
-        &[
-            "role",
-            "grant-permission",
-            "skydns-rw",
-            "readwrite",
-            "/skydns/",
-            "--prefix=true",
-        ],
-        &["user", "grant-role", "skyapi", "skydns-rw"],
-        &["auth", "enable"],
-    ] {
+    for args in super::etcd::AUTH_SETUP {
         etcd.must_as(None, args);
     }
     etcd
