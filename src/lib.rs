@@ -11,6 +11,7 @@
 //! - `liveness`: when to ping, when to drop a client, and stalls of skyapi;
 //! - `worker`: the etcd worker's logic behind the `Store` trait;
 //! - `etcd`: `Store` on a real etcd through etcd-client;
+//! - `watch`: the change feed: a watch on the directory, into the worker;
 //! - `health`: whether registrations are being stored, for `/healthz`;
 //! - `endpoints`: `/healthz`, `/metrics`, `/services`;
 //! - `metrics`: counters and the Prometheus text writer;
@@ -36,4 +37,5 @@ pub mod server;
 pub mod sidecar;
 pub mod tls;
 pub mod transport;
+pub mod watch;
 pub mod worker;

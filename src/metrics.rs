@@ -440,12 +440,12 @@ impl<S: Store> Store for Metered<S> {
         &mut self,
         kvs: &[(String, String)],
         lease: i64,
-        only_if_absent: bool,
-    ) -> Result<i64, StoreError> {
-        self.timed(Op::Put, |s| s.put(kvs, lease, only_if_absent))
+        only_if_free: bool,
+    ) -> Result<(i64, Vec<bool>), StoreError> {
+        self.timed(Op::Put, |s| s.put(kvs, lease, only_if_free))
     }
-    fn delete_owned(&mut self, keys: &[String], lease: i64) -> Result<(), StoreError> {
-        self.timed(Op::Delete, |s| s.delete_owned(keys, lease))
+    fn delete_if(&mut self, keys: &[(String, i64)]) -> Result<Vec<bool>, StoreError> {
+        self.timed(Op::Delete, |s| s.delete_if(keys))
     }
     fn rewrite_owned(
         &mut self,
