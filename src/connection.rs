@@ -25,7 +25,7 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -48,11 +48,10 @@ use crate::worker::{Ack, ConnId};
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a closing connection waits for the client's close frame.
 const CLOSE_WAIT: Duration = Duration::from_millis(500);
-/// How long a new connection blocks waiting for its entry to be stored
-/// before it goes on to serve the socket (etcd slow or down).
-const ACK_FIRST_WAIT: Duration = Duration::from_secs(1);
-/// How often a connection waiting for etcd checks for the acknowledgement.
-const ACK_POLL: Duration = Duration::from_millis(50);
+/// While its entry is not stored yet, a connection blocks on the
+/// acknowledgement until the liveness loop has socket work, and then reads
+/// only what is waiting in the socket, for at most this long.
+const ACK_DRAIN: Duration = Duration::from_millis(1);
 /// How many seconds' worth of `--max-message-rate` a client may send at once.
 const MSG_BURST_SECS: f64 = 5.0;
 /// Bytes allowed per message beyond its payload: a websocket frame header
@@ -464,7 +463,6 @@ fn hold<T: Transport>(
     let timeout = shared.timeout;
     let ping_every = timeout / 3;
     let mut liveness = Liveness::new(timeout, Instant::now());
-    let mut first_wait = true;
     let rate = shared.limits.message_rate;
     let mut bucket = Bucket::new(rate, rate * MSG_BURST_SECS);
     // Bytes too, for frames that never make a message: as many as the
@@ -485,20 +483,20 @@ fn hold<T: Transport>(
             return Removal::Revoked;
         }
         if !*acked {
-            // The first wait blocks: with etcd up the answer comes in about a
-            // millisecond, and polling would add its period to every
-            // registration. After that, poll between socket reads.
-            let answer = if first_wait {
-                first_wait = false;
-                ack.recv_timeout(ACK_FIRST_WAIT.min(ping_every))
-                    .map_err(|e| match e {
-                        RecvTimeoutError::Timeout => TryRecvError::Empty,
-                        RecvTimeoutError::Disconnected => TryRecvError::Disconnected,
-                    })
-            } else {
-                ack.try_recv()
+            // Until the entry is stored, the thread blocks on the worker's
+            // answer, up to the liveness loop's next deadline (a ping to
+            // send, a pong to collect): no polling, so thousands of
+            // connections waiting out an etcd outage cost nothing. The
+            // socket is only read at those deadlines, so a client that
+            // leaves meanwhile is noticed within a ping period; the worker
+            // answers every waiter when it stops, which wakes them for
+            // shutdown.
+            let now = Instant::now();
+            let until = match liveness.next(now) {
+                Next::WaitUntil(at) => at.min(now + ping_every),
+                Next::Ping | Next::Drop => now,
             };
-            match answer {
+            match ack.recv_timeout(until.saturating_duration_since(now)) {
                 Ok(Ok(())) => {
                     *acked = true;
                     registered.stored();
@@ -530,8 +528,8 @@ fn hold<T: Transport>(
                     );
                     return Removal::Error;
                 }
-                Err(TryRecvError::Empty) => {}
-                Err(TryRecvError::Disconnected) => return closed_by_shutdown(shared, ws),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return closed_by_shutdown(shared, ws),
             }
         }
 
@@ -573,7 +571,7 @@ fn hold<T: Transport>(
         let wake = if *acked {
             wake
         } else {
-            wake.min(now + ACK_POLL)
+            wake.min(now + ACK_DRAIN)
         };
         ws.get_mut().socket().set_deadline(Some(wake));
 

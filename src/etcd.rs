@@ -25,7 +25,7 @@ use tonic::Code;
 
 use crate::config::EtcdConfig;
 use crate::error::StoreError;
-use crate::worker::{Change, Store, StoredKv};
+use crate::worker::{Change, Guard, Store, StoredKv};
 
 /// Bound on one etcd request. Short, so queued work is retried promptly
 /// after etcd comes back; long enough for a loaded etcd to answer.
@@ -305,30 +305,26 @@ impl Store for EtcdStore {
 
     fn put(
         &mut self,
-        kvs: &[(String, String)],
+        kvs: &[(String, String, Guard)],
         lease: i64,
-        only_if_free: bool,
     ) -> Result<(i64, Vec<bool>), StoreError> {
         let ops: Vec<TxnOp> = kvs
             .iter()
-            .map(|(k, v)| {
+            .map(|(k, v, guard)| {
                 let put = TxnOp::put(
                     k.as_str(),
                     v.as_str(),
                     Some(PutOptions::new().with_lease(lease)),
                 );
-                if only_if_free {
-                    // A nested transaction: put only where the key has no
-                    // lease (etcd compares a missing key's lease as 0), so
-                    // another instance's key is left alone.
-                    TxnOp::txn(
-                        Txn::new()
-                            .when([Compare::lease(k.as_str(), CompareOp::Equal, 0)])
-                            .and_then([put]),
-                    )
-                } else {
-                    put
-                }
+                // A guarded put is a nested transaction, so each key's
+                // comparison decides for that key alone. etcd compares a
+                // missing key's lease as 0.
+                let when = match guard {
+                    Guard::Always => return put,
+                    Guard::Free => Compare::lease(k.as_str(), CompareOp::Equal, 0),
+                    Guard::Ours => Compare::lease(k.as_str(), CompareOp::Equal, lease),
+                };
+                TxnOp::txn(Txn::new().when([when]).and_then([put]))
             })
             .collect();
         let txn = Txn::new().and_then(ops);
@@ -337,11 +333,12 @@ impl Store for EtcdStore {
             async move { c.txn(txn).await }
         })?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        let written = if only_if_free {
-            nested_results(&resp, kvs.len())
-        } else {
-            vec![true; kvs.len()]
-        };
+        let nested = nested_results(&resp, kvs.len());
+        let written = kvs
+            .iter()
+            .zip(nested)
+            .map(|((_, _, guard), ok)| *guard == Guard::Always || ok)
+            .collect();
         Ok((revision, written))
     }
 

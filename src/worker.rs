@@ -115,16 +115,14 @@ pub trait Store {
     /// Renews the lease; `LeaseNotFound` when etcd no longer has it.
     fn keep_alive(&mut self, lease: i64) -> Result<(), StoreError>;
     fn revoke(&mut self, lease: i64) -> Result<(), StoreError>;
-    /// Puts every pair, attached to `lease`, in one transaction; returns
-    /// the transaction's revision (every written key's new `mod_revision`)
-    /// and, per pair, whether it was written. With `only_if_free`, a key
-    /// is written only where it is absent or attached to no lease: a key on
-    /// another lease is another instance's and is left as it is.
+    /// Puts every pair, attached to `lease`, in one transaction, each only
+    /// if its `Guard` holds; returns the transaction's revision (every
+    /// written key's new `mod_revision`) and, per pair, whether it was
+    /// written.
     fn put(
         &mut self,
-        kvs: &[(String, String)],
+        kvs: &[(String, String, Guard)],
         lease: i64,
-        only_if_free: bool,
     ) -> Result<(i64, Vec<bool>), StoreError>;
     /// Deletes each key that is still attached to its lease (0: to no
     /// lease), in one transaction; per key, whether etcd deleted it.
@@ -140,6 +138,19 @@ pub trait Store {
     ) -> Result<Option<i64>, StoreError>;
     /// Every key under `dir`, with its lease and `mod_revision`.
     fn list(&mut self, dir: &str) -> Result<Vec<StoredKv>, StoreError>;
+}
+
+/// When a put may write its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guard {
+    /// Whatever is there: a registration is newer than anything stored.
+    Always,
+    /// Only where the key is absent or attached to no lease: a key on
+    /// another lease is another instance's and is left as it is.
+    Free,
+    /// Only where the key is still attached to our lease: another
+    /// instance's put since wins.
+    Ours,
 }
 
 /// Messages connection threads (and the watcher) send to the worker.
@@ -290,6 +301,9 @@ enum Todo {
     /// our lease was lost): another instance may hold a newer registration
     /// of the same process by then.
     Restore,
+    /// Write the newest holder's value (the one stored was a holder's that
+    /// left, or was refused) only where the key is still on our lease.
+    Update,
     /// No holder is left: delete it if it is still ours.
     Delete,
 }
@@ -382,14 +396,29 @@ impl Table {
         };
         let newest = k.holders.last().map(|h| h.conn);
         k.holders.retain(|h| h.conn != conn);
-        if k.holders.is_empty() {
-            self.set(key, Todo::Delete);
-        } else if newest == Some(conn) && (k.revision.is_some() || k.leaseless) {
-            // The stored value was the leaver's: store the remaining one's
-            // (unless the key is another instance's now, or not yet
-            // written: then there is nothing of ours to change).
-            self.set(key, Todo::Put);
+        if newest == Some(conn) || k.todo == Todo::Put {
+            self.holder_gone(key);
         }
+    }
+
+    /// The newest holder left or was refused: what is left to write. Only a
+    /// registration still waiting for its own write justifies overwriting
+    /// whatever is there; otherwise the remaining holder's value goes only
+    /// over ours (or where the key is free).
+    fn holder_gone(&mut self, key: &str) {
+        let Some(k) = self.keys.get(key) else {
+            return;
+        };
+        let next = if k.holders.is_empty() {
+            Todo::Delete
+        } else if k.holders.iter().any(|h| h.ack.is_some()) {
+            Todo::Put
+        } else if k.revision.is_some() {
+            Todo::Update
+        } else {
+            Todo::Restore
+        };
+        self.set(key, next);
     }
 
     /// etcd refused the newest holder's value: that registration fails;
@@ -408,12 +437,7 @@ impl Table {
                 let _ = tx.send(Err(format!("etcd refused the entry: {why}")));
             }
         }
-        let next = if k.holders.is_empty() {
-            Todo::Delete
-        } else {
-            Todo::Put
-        };
-        self.set(key, next);
+        self.holder_gone(key);
     }
 
     /// Our put of `key` was answered: `written` at `revision`, or (a
@@ -427,7 +451,7 @@ impl Table {
             k.revision = Some(revision);
             k.leaseless = false;
         } else {
-            info!("{key} is held by another instance now: left to it");
+            info!("{key} was not written: another instance holds it, or it changed since our last write");
             k.revision = None;
         }
         for h in &mut k.holders {
@@ -441,10 +465,10 @@ impl Table {
 
     /// Applies what etcd says is there now (a watch event or a full read)
     /// to a key of ours; `None` is absent.
-    fn observed(&mut self, key: &str, seen: Option<(i64, i64)>, lease: i64) {
+    /// `lease` is ours, if we have one now.
+    fn observed(&mut self, key: &str, seen: Option<(i64, i64)>, lease: Option<i64>) {
         let Some(k) = self.keys.get_mut(key) else {
-            if let Some((l, _)) = seen.filter(|(l, _)| *l == lease) {
-                debug_assert_eq!(l, lease);
+            if seen.is_some_and(|(l, _)| Some(l) == lease) {
                 warn!("{key} is ours but has no connection: deleting it");
                 self.keys.insert(
                     key.to_string(),
@@ -459,18 +483,23 @@ impl Table {
             }
             return;
         };
+        if seen.is_none_or(|(l, _)| Some(l) != lease) {
+            // Whatever we wrote is not there any more.
+            k.revision = None;
+        }
         match k.todo {
-            // Our unconditional put sets it straight, whatever is there.
-            Todo::Put => {}
-            Todo::Delete => {
-                // Delete what is ours: on our lease, or put without one.
+            // Our unconditional put sets it straight, whatever is there; if
+            // it is refused and no holder is left, the delete must know
+            // whether to expect our lease or none.
+            Todo::Put | Todo::Delete => {
                 k.leaseless = seen.is_some_and(|(l, _)| l == 0);
             }
-            Todo::Synced | Todo::Restore => match seen {
+            Todo::Synced | Todo::Restore | Todo::Update => match seen {
                 None => {
                     if k.todo == Todo::Synced {
                         warn!("{key} is missing from etcd: restoring it");
                     }
+                    k.revision = None;
                     self.set(key, Todo::Restore);
                 }
                 Some((0, _)) => {
@@ -478,13 +507,14 @@ impl Table {
                     k.leaseless = true;
                     self.set(key, Todo::Put);
                 }
-                Some((l, rev)) if l == lease => {
+                Some((l, rev)) if Some(l) == lease => {
                     if k.revision != Some(rev) {
                         warn!("{key} was changed in etcd: restoring it");
                         self.set(key, Todo::Put);
                     } else if k.todo == Todo::Restore {
                         self.set(key, Todo::Synced);
                     }
+                    // An update goes ahead: the key is as we wrote it.
                 }
                 Some(_) => {
                     if k.revision.is_some() {
@@ -635,12 +665,8 @@ impl<S: Store> Worker<S> {
             } => self.table.register(conn, key, value, ack, Instant::now()),
             Command::Unregister { conn, key } => self.table.unregister(conn, &key),
             Command::Changed(changes) => {
-                // Without a lease nothing in etcd is ours yet; the grant
-                // restores every key anyway.
-                if let Some(lease) = self.lease {
-                    for c in changes {
-                        self.changed(c, lease);
-                    }
+                for c in changes {
+                    self.changed(c);
                 }
             }
             Command::Resync => {
@@ -657,13 +683,14 @@ impl<S: Store> Worker<S> {
         true
     }
 
-    fn changed(&mut self, c: Change, lease: i64) {
+    fn changed(&mut self, c: Change) {
+        let lease = self.lease;
         if let Some(k) = self.table.keys.get(&c.key) {
             // Our own write, or something older than it.
             if k.revision.is_some_and(|r| c.mod_revision <= r) {
                 return;
             }
-        } else if c.deleted || c.lease != lease {
+        } else if c.deleted || Some(c.lease) != lease {
             // Another instance's key, or an operator's: none of ours.
             return;
         }
@@ -756,18 +783,23 @@ impl<S: Store> Worker<S> {
                 // Whatever we held under an older lease went with it: put it
                 // back where nobody else has put it since. Deletes are done
                 // (the lease took those keys), but for keys we saw put
-                // without a lease, which no lease takes.
+                // without a lease, which no lease takes, or may have missed
+                // seeing so (a full check is owed).
+                let unsure = self.check_due.is_some();
                 let keys: Vec<(String, Todo, bool)> = self
                     .table
                     .keys
-                    .iter()
-                    .map(|(k, key)| (k.clone(), key.todo, key.leaseless))
+                    .iter_mut()
+                    .map(|(k, key)| {
+                        key.revision = None;
+                        (k.clone(), key.todo, key.leaseless)
+                    })
                     .collect();
                 for (k, todo, leaseless) in keys {
                     match todo {
                         Todo::Put | Todo::Restore => {}
-                        Todo::Synced => self.table.set(&k, Todo::Restore),
-                        Todo::Delete if leaseless => {}
+                        Todo::Synced | Todo::Update => self.table.set(&k, Todo::Restore),
+                        Todo::Delete if leaseless || unsure => {}
                         Todo::Delete => {
                             self.table.pending.remove(&k);
                             self.table.keys.remove(&k);
@@ -791,14 +823,21 @@ impl<S: Store> Worker<S> {
         let Some(lease) = self.lease else {
             return;
         };
-        if let Err(e) = self.flush_deletes(lease) {
-            return self.failed(e, now);
+        // While a full check is owed, a delete waits for it: it tells
+        // which lease (or none) the key must still have.
+        if self.check_due.is_none() {
+            if let Err(e) = self.flush_deletes(lease) {
+                return self.failed(e, now);
+            }
         }
         let puts = !self.table.pending.is_empty();
         if let Err(e) = self.flush_puts(lease, Todo::Put) {
             return self.failed(e, now);
         }
         if let Err(e) = self.flush_puts(lease, Todo::Restore) {
+            return self.failed(e, now);
+        }
+        if let Err(e) = self.flush_puts(lease, Todo::Update) {
             return self.failed(e, now);
         }
         // etcd takes deletes even at its space quota: only a put proves
@@ -861,25 +900,32 @@ impl<S: Store> Worker<S> {
     /// they are free) in batches, acknowledging each registration once
     /// written.
     fn flush_puts(&mut self, lease: i64, todo: Todo) -> Result<(), StoreError> {
-        let restore = todo == Todo::Restore;
         // A conditional put is a nested transaction: two operations.
-        let mut batch = if restore {
-            MAX_TXN_OPS / 2
-        } else {
+        let mut batch = if todo == Todo::Put {
             MAX_TXN_OPS
+        } else {
+            MAX_TXN_OPS / 2
         };
         loop {
             let keys = self.table.pending_with(todo, batch);
             if keys.is_empty() {
                 return Ok(());
             }
-            let chunk: Vec<(String, String)> = keys
+            let chunk: Vec<(String, String, Guard)> = keys
                 .iter()
-                .filter_map(|k| Some((k.clone(), self.table.keys.get(k)?.value()?.to_string())))
+                .filter_map(|k| {
+                    let key = self.table.keys.get(k)?;
+                    let guard = match todo {
+                        Todo::Put => Guard::Always,
+                        Todo::Update => Guard::Ours,
+                        _ => Guard::Free,
+                    };
+                    Some((k.clone(), key.value()?.to_string(), guard))
+                })
                 .collect();
-            match self.store.put(&chunk, lease, restore) {
+            match self.store.put(&chunk, lease) {
                 Ok((revision, written)) => {
-                    for (i, (k, _)) in chunk.iter().enumerate() {
+                    for (i, (k, _, _)) in chunk.iter().enumerate() {
                         let w = written.get(i).copied().unwrap_or(false);
                         self.table.stored(k, revision, w);
                     }
@@ -908,11 +954,12 @@ impl<S: Store> Worker<S> {
             .collect();
         let ours: Vec<String> = self.table.keys.keys().cloned().collect();
         for key in ours {
-            self.table.observed(&key, stored.get(&key).copied(), lease);
+            self.table
+                .observed(&key, stored.get(&key).copied(), Some(lease));
         }
         for (key, (l, rev)) in &stored {
             if *l == lease && !self.table.keys.contains_key(key) {
-                self.table.observed(key, Some((*l, *rev)), lease);
+                self.table.observed(key, Some((*l, *rev)), Some(lease));
             }
         }
     }
@@ -1098,10 +1145,12 @@ mod tests {
                 Fake::changed(&mut e, k, 0, true);
             }
         }
+        /// Every lease granted here ends (expired in a partition, revoked
+        /// by an operator), with the keys on it; other leases stay.
         fn revoke_all(&self) {
             let mut e = self.0.borrow_mut();
-            e.leases.clear();
-            Self::expire(&mut e, |l| l != 0);
+            let gone = std::mem::take(&mut e.leases);
+            Self::expire(&mut e, |l| gone.contains(&l));
         }
         fn expire(e: &mut FakeEtcd, gone: impl Fn(i64) -> bool) {
             let keys: Vec<String> =
@@ -1156,23 +1205,21 @@ mod tests {
         }
         fn put(
             &mut self,
-            kvs: &[(String, String)],
+            kvs: &[(String, String, Guard)],
             lease: i64,
-            only_if_free: bool,
         ) -> Result<(i64, Vec<bool>), StoreError> {
-            let ops = if only_if_free {
-                kvs.len() * 2
-            } else {
-                kvs.len()
-            };
+            let ops = kvs
+                .iter()
+                .map(|(_, _, g)| if *g == Guard::Always { 1 } else { 2 })
+                .sum();
             self.check("put", ops)?;
             let mut e = self.0.borrow_mut();
             if !e.leases.contains(&lease) {
                 return Err(StoreError::LeaseNotFound);
             }
-            if let Some((k, _)) = kvs
+            if let Some((k, _, _)) = kvs
                 .iter()
-                .find(|(k, v)| e.refused.contains(k) || e.refused_values.contains(v))
+                .find(|(k, v, _)| e.refused.contains(k) || e.refused_values.contains(v))
             {
                 return Err(StoreError::BadRequest(format!("request is too large: {k}")));
             }
@@ -1182,10 +1229,13 @@ mod tests {
             e.revision += 1;
             let rev = e.revision;
             let mut written = Vec::new();
-            for (k, v) in kvs {
-                // etcd compares a missing key's lease as 0.
-                let free = e.kv.get(k).is_none_or(|(_, l, _)| *l == 0);
-                let write = !only_if_free || free;
+            for (k, v, guard) in kvs {
+                let write = match guard {
+                    Guard::Always => true,
+                    // etcd compares a missing key's lease as 0.
+                    Guard::Free => e.kv.get(k).is_none_or(|(_, l, _)| *l == 0),
+                    Guard::Ours => e.kv.get(k).is_some_and(|(_, l, _)| *l == lease),
+                };
                 if write {
                     e.kv.insert(k.clone(), (v.clone(), lease, rev));
                     Fake::changed(&mut e, k, lease, false);
@@ -1625,9 +1675,8 @@ mod tests {
             }
             fn put(
                 &mut self,
-                _: &[(String, String)],
+                _: &[(String, String, Guard)],
                 _: i64,
-                _: bool,
             ) -> Result<(i64, Vec<bool>), StoreError> {
                 unreachable!()
             }
@@ -1659,5 +1708,300 @@ mod tests {
             .expect("on_death called");
         assert_eq!(why, "the etcd worker died: boom in grant");
         thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_refused_put_fails_only_that_registration() {
+        let fake = Fake::default();
+        let mut w = worker(&fake);
+        let first = register(&mut w, 1, "/d/a", "ok");
+        let t0 = Instant::now();
+        w.tick(t0);
+        assert_eq!(first.try_recv(), Ok(Ok(())));
+        fake.0.borrow_mut().refused_values.insert("huge".into());
+        let bad = register(&mut w, 2, "/d/a", "huge");
+        w.tick(t0 + Duration::from_millis(1));
+        assert!(
+            matches!(bad.try_recv(), Ok(Err(_))),
+            "the refused one is told"
+        );
+        let lease = w.lease.unwrap();
+        assert_eq!(
+            fake.get("/d/a").unwrap(),
+            ("ok".into(), lease),
+            "the other keeps it"
+        );
+        unregister(&mut w, 1, "/d/a");
+        w.tick(t0 + Duration::from_millis(2));
+        assert_eq!(fake.get("/d/a"), None, "deleted when the last holder goes");
+        assert!(w.table.keys.is_empty());
+    }
+
+    #[test]
+    fn a_key_overwritten_without_a_lease_is_restored_and_deleted_on_close() {
+        let fake = Fake::default();
+        let mut w = worker(&fake);
+        register(&mut w, 1, "/d/a", "v");
+        register(&mut w, 2, "/d/b", "v");
+        let t0 = Instant::now();
+        w.tick(t0);
+        fake.deliver(&mut w);
+        let lease = w.lease.unwrap();
+        fake.put_foreign("/d/a", "plain", 0);
+        fake.deliver(&mut w);
+        w.tick(t0 + Duration::from_millis(1));
+        assert_eq!(
+            fake.get("/d/a").unwrap(),
+            ("v".into(), lease),
+            "restored as ours"
+        );
+        // Overwritten again, and the connection goes before the restore.
+        fake.deliver(&mut w);
+        fake.put_foreign("/d/b", "plain", 0);
+        fake.deliver(&mut w);
+        unregister(&mut w, 2, "/d/b");
+        w.tick(t0 + Duration::from_millis(2));
+        assert_eq!(
+            fake.get("/d/b"),
+            None,
+            "a lease-less key of ours is deleted"
+        );
+    }
+
+    #[test]
+    fn a_key_deleted_by_hand_is_restored_at_once_under_churn() {
+        let fake = Fake::default();
+        let mut w = worker(&fake);
+        register(&mut w, 0, "/d/live", "v");
+        let t0 = Instant::now();
+        w.tick(t0);
+        fake.deliver(&mut w);
+        fake.del_foreign("/d/live");
+        // A registration in every turn of the loop: the restore still
+        // happens in the turn the deletion is seen.
+        for i in 1..5u64 {
+            register(&mut w, i, &format!("/d/{i}"), "v");
+            fake.deliver(&mut w);
+            w.tick(t0 + Duration::from_millis(i));
+            assert!(fake.get("/d/live").is_some(), "restored by turn {i}");
+        }
+    }
+
+    #[test]
+    fn a_resync_checks_every_key_against_one_read() {
+        let fake = Fake::default();
+        let mut w = worker(&fake);
+        register(&mut w, 1, "/d/a", "v");
+        register(&mut w, 2, "/d/b", "v");
+        let t0 = Instant::now();
+        w.tick(t0);
+        let lease = w.lease.unwrap();
+        // Changes the watch never delivered (compacted away meanwhile).
+        fake.0.borrow_mut().kv.remove("/d/a");
+        fake.put_foreign("/d/stray", "v", lease);
+        fake.put_foreign("/d/b", "forged", lease);
+        fake.0.borrow_mut().events.clear();
+        fake.0.borrow_mut().calls.clear();
+        w.handle(Command::Resync);
+        w.tick(t0 + Duration::from_millis(1));
+        assert_eq!(fake.count("list"), 1);
+        assert_eq!(fake.get("/d/a").unwrap(), ("v".into(), lease));
+        assert_eq!(fake.get("/d/b").unwrap(), ("v".into(), lease));
+        assert_eq!(fake.get("/d/stray"), None, "ours without a connection");
+        w.tick(t0 + Duration::from_secs(20));
+        assert_eq!(fake.count("list"), 1, "no read without a reason");
+    }
+
+    /// One step of the model-based test.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Register { key: u8, value: u8, bad: bool },
+        Unregister(u8),
+        Down,
+        Up,
+        RefuseWrites,
+        AcceptWrites,
+        LeaseLost,
+        DeleteByHand(u8),
+        OverwriteLeaseless(u8),
+        OverwriteOurs(u8),
+        ForeignPut(u8),
+        LoseEvents,
+        Tick(u8),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (0..3u8, 0..3u8, proptest::bool::weighted(0.15))
+                .prop_map(|(key, value, bad)| Op::Register { key, value, bad }),
+            3 => any::<u8>().prop_map(Op::Unregister),
+            1 => Just(Op::Down),
+            1 => Just(Op::Up),
+            1 => Just(Op::RefuseWrites),
+            1 => Just(Op::AcceptWrites),
+            1 => Just(Op::LeaseLost),
+            1 => (0..3u8).prop_map(Op::DeleteByHand),
+            1 => (0..3u8).prop_map(Op::OverwriteLeaseless),
+            1 => (0..3u8).prop_map(Op::OverwriteOurs),
+            1 => (0..3u8).prop_map(Op::ForeignPut),
+            1 => Just(Op::LoseEvents),
+            4 => (0..4u8).prop_map(Op::Tick),
+        ]
+    }
+
+    /// The reference model: which connections hold which key, and which
+    /// keys another instance took over, with our registrations of them
+    /// since (each newer than the other instance's put).
+    struct Model {
+        conns: Vec<(ConnId, String, String, bool, Receiver<Ack>)>,
+        foreign: BTreeMap<String, Vec<ConnId>>,
+        next: ConnId,
+    }
+
+    impl Model {
+        fn good(&self, key: &str) -> Vec<&String> {
+            self.conns
+                .iter()
+                .filter(|c| c.1 == key && !c.3)
+                .map(|c| &c.2)
+                .collect()
+        }
+    }
+
+    /// etcd reachable and writable again, every change delivered, time
+    /// moving on until the worker has nothing left to do.
+    fn settle(fake: &Fake, w: &mut Worker<Fake>, t: &mut Instant) {
+        {
+            let mut e = fake.0.borrow_mut();
+            e.down = false;
+            e.refuse_writes = None;
+        }
+        for _ in 0..40 {
+            fake.deliver(w);
+            *t += Duration::from_secs(1);
+            w.tick(*t);
+        }
+        fake.deliver(w);
+        w.tick(*t);
+    }
+
+    fn run_model(ops: Vec<Op>) {
+        let fake = Fake::default();
+        let mut w = worker(&fake);
+        let mut t = Instant::now();
+        let mut m = Model {
+            conns: Vec::new(),
+            foreign: BTreeMap::new(),
+            next: 1,
+        };
+        fake.0.borrow_mut().refused_values.insert("huge".into());
+        let key = |k: u8| format!("/d/{k}");
+        for op in ops {
+            match op {
+                Op::Register { key: k, value, bad } => {
+                    let (k, v) = (
+                        key(k),
+                        if bad {
+                            "huge".into()
+                        } else {
+                            format!("v{value}")
+                        },
+                    );
+                    let conn = m.next;
+                    m.next += 1;
+                    let rx = register(&mut w, conn, &k, &v);
+                    if let Some(claims) = m.foreign.get_mut(&k).filter(|_| !bad) {
+                        claims.push(conn);
+                    }
+                    m.conns.push((conn, k, v, bad, rx));
+                }
+                Op::Unregister(i) => {
+                    if !m.conns.is_empty() {
+                        let c = m.conns.remove(i as usize % m.conns.len());
+                        unregister(&mut w, c.0, &c.1);
+                    }
+                }
+                Op::Down => fake.0.borrow_mut().down = true,
+                Op::Up => fake.0.borrow_mut().down = false,
+                Op::RefuseWrites => fake.0.borrow_mut().refuse_writes = Some(nospace()),
+                Op::AcceptWrites => fake.0.borrow_mut().refuse_writes = None,
+                Op::LeaseLost => fake.revoke_all(),
+                Op::DeleteByHand(k) => {
+                    fake.del_foreign(&key(k));
+                    m.foreign.remove(&key(k));
+                }
+                Op::OverwriteLeaseless(k) => {
+                    // A lease-less key nobody holds is not ours to judge.
+                    if !m.good(&key(k)).is_empty() {
+                        fake.put_foreign(&key(k), "plain", 0);
+                        m.foreign.remove(&key(k));
+                    }
+                }
+                Op::OverwriteOurs(k) => {
+                    let lease = fake.get(&key(k)).map(|(_, l)| l);
+                    if let Some(l) = lease.filter(|l| Some(*l) == w.lease) {
+                        fake.put_foreign(&key(k), "forged", l);
+                    }
+                }
+                Op::ForeignPut(k) => {
+                    settle(&fake, &mut w, &mut t);
+                    fake.put_foreign(&key(k), "theirs", 99);
+                    m.foreign.insert(key(k), Vec::new());
+                }
+                Op::LoseEvents => {
+                    fake.0.borrow_mut().events.clear();
+                    w.handle(Command::Resync);
+                }
+                Op::Tick(s) => {
+                    fake.deliver(&mut w);
+                    t += Duration::from_millis(250 * s as u64);
+                    w.tick(t);
+                }
+            }
+        }
+        settle(&fake, &mut w, &mut t);
+        let lease = w.lease.expect("a lease once etcd answers");
+        for k in 0..3 {
+            let k = key(k);
+            let got = fake.get(&k);
+            let ours = m.good(&k).last().map(|v| (v.to_string(), lease));
+            let theirs = Some(("theirs".to_string(), 99));
+            let live = |c: &ConnId| m.conns.iter().any(|x| x.0 == *c);
+            match m.foreign.get(&k) {
+                None => assert_eq!(got, ours, "{k}: etcd holds what the model says"),
+                // Nobody of ours registered it since: theirs stays.
+                Some(claims) if claims.is_empty() => assert_eq!(got, theirs, "{k}: left alone"),
+                // A registration of ours since, still live: ours is newer.
+                Some(claims) if claims.iter().any(live) => {
+                    assert_eq!(got, ours, "{k}: our newer registration")
+                }
+                // Ours came and went: whether it was written before it
+                // left decides; either way nothing else may be there.
+                Some(_) => assert!(
+                    got == theirs || got == ours || got.is_none(),
+                    "{k}: {got:?}"
+                ),
+            }
+        }
+        for (conn, k, _, bad, rx) in &m.conns {
+            let answer = rx.try_recv();
+            if *bad {
+                assert!(answer.is_ok(), "conn {conn} ({k}) was answered");
+            } else {
+                assert_eq!(answer, Ok(Ok(())), "conn {conn} ({k}) was acknowledged");
+            }
+        }
+        assert!(w.table.pending.is_empty(), "nothing left to do");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        #[test]
+        fn the_worker_keeps_etcd_as_the_model_says(
+            ops in proptest::collection::vec(op(), 1..60)
+        ) {
+            run_model(ops);
+        }
     }
 }
