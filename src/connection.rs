@@ -24,8 +24,9 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::TryRecvError;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -34,6 +35,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
+use crate::ack::{AckReceiver, Woken};
 use crate::auth::{self, TokenId};
 use crate::endpoints::Listener;
 use crate::http::{self, Head, HeadError};
@@ -42,16 +44,16 @@ use crate::metrics::{self, Removal};
 use crate::provide::{self, Entry, Registration};
 use crate::server::Shared;
 use crate::transport::{is_over_budget, is_timeout, Bucket, Socket, Transport};
-use crate::worker::{Ack, ConnId};
+use crate::worker::ConnId;
 
 /// A blocked write (a client that reads nothing) fails after this.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a closing connection waits for the client's close frame.
 const CLOSE_WAIT: Duration = Duration::from_millis(500);
-/// While its entry is not stored yet, a connection blocks on the
-/// acknowledgement until the liveness loop has socket work, and then reads
-/// only what is waiting in the socket, for at most this long.
-const ACK_DRAIN: Duration = Duration::from_millis(1);
+/// While its entry is not stored yet, a connection reads a frame that has
+/// begun to arrive for at most this long before it looks for its answer
+/// again (the rest of the frame is kept for the next read).
+const ACK_DRAIN: Duration = Duration::from_millis(10);
 /// How many seconds' worth of `--max-message-rate` a client may send at once.
 const MSG_BURST_SECS: f64 = 5.0;
 /// Bytes allowed per message beyond its payload: a websocket frame header
@@ -456,12 +458,11 @@ fn hold<T: Transport>(
     ws: &mut WebSocket<T>,
     entry: &Entry,
     who: &str,
-    ack: Receiver<Ack>,
+    ack: AckReceiver,
     registered: &Registered,
     acked: &mut bool,
 ) -> Removal {
     let timeout = shared.timeout;
-    let ping_every = timeout / 3;
     let mut liveness = Liveness::new(timeout, Instant::now());
     let rate = shared.limits.message_rate;
     let mut bucket = Bucket::new(rate, rate * MSG_BURST_SECS);
@@ -483,20 +484,7 @@ fn hold<T: Transport>(
             return Removal::Revoked;
         }
         if !*acked {
-            // Until the entry is stored, the thread blocks on the worker's
-            // answer, up to the liveness loop's next deadline (a ping to
-            // send, a pong to collect): no polling, so thousands of
-            // connections waiting out an etcd outage cost nothing. The
-            // socket is only read at those deadlines, so a client that
-            // leaves meanwhile is noticed within a ping period; the worker
-            // answers every waiter when it stops, which wakes them for
-            // shutdown.
-            let now = Instant::now();
-            let until = match liveness.next(now) {
-                Next::WaitUntil(at) => at.min(now + ping_every),
-                Next::Ping | Next::Drop => now,
-            };
-            match ack.recv_timeout(until.saturating_duration_since(now)) {
+            match ack.try_recv() {
                 Ok(Ok(())) => {
                     *acked = true;
                     registered.stored();
@@ -528,8 +516,8 @@ fn hold<T: Transport>(
                     );
                     return Removal::Error;
                 }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return closed_by_shutdown(shared, ws),
+                Err(TryRecvError::Empty) => {}
+                Err(TryRecvError::Disconnected) => return closed_by_shutdown(shared, ws),
             }
         }
 
@@ -571,7 +559,16 @@ fn hold<T: Transport>(
         let wake = if *acked {
             wake
         } else {
-            wake.min(now + ACK_DRAIN)
+            // Until the entry is stored, wait for the socket and the
+            // worker's answer together (`ack.rs`), up to the liveness
+            // deadline: no polling, so thousands of connections waiting out
+            // an etcd outage cost nothing, and a client's ping is answered
+            // at once meanwhile.
+            let fd = ws.get_mut().socket().tcp().as_raw_fd();
+            match ack.wait(fd, wake) {
+                Woken::Socket => wake.min(Instant::now() + ACK_DRAIN),
+                Woken::Answer | Woken::Deadline => continue,
+            }
         };
         ws.get_mut().socket().set_deadline(Some(wake));
 

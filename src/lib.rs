@@ -8,6 +8,7 @@
 //! - `provide`: the `/provide` contract: parameters, ids, keys, values;
 //! - `http`: request heads, routing helpers and plain responses;
 //! - `connection`: one thread per connection: handshake and ping loop;
+//! - `ack`: a registration's answer, waking the connection thread;
 //! - `liveness`: when to ping, when to drop a client, and stalls of skyapi;
 //! - `worker`: the etcd worker's logic behind the `Store` trait;
 //! - `etcd`: `Store` on a real etcd through etcd-client;
@@ -21,6 +22,7 @@
 //! - `transport`: the socket with a per-read deadline, plain or under TLS;
 //! - `error`: the error types of each boundary.
 
+pub mod ack;
 pub mod admin;
 pub mod auth;
 pub mod config;

@@ -46,6 +46,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 
+use crate::ack::{self, AckReceiver, AckSender};
 use crate::error::StoreError;
 use crate::health::{EtcdState, Health, SharedHealth, Tracker};
 use crate::metrics::Metrics;
@@ -159,7 +160,7 @@ pub enum Command {
         conn: ConnId,
         key: String,
         value: String,
-        ack: Sender<Ack>,
+        ack: AckSender,
     },
     Unregister {
         conn: ConnId,
@@ -203,9 +204,9 @@ pub struct WorkerHandle {
 
 impl WorkerHandle {
     /// Queues a registration; the returned receiver yields once the entry is
-    /// stored (or the worker stopped).
-    pub fn register(&self, conn: ConnId, key: &str, value: &str) -> Receiver<Ack> {
-        let (ack, rx) = mpsc::channel();
+    /// stored (or the worker stopped), and wakes its `wait`.
+    pub fn register(&self, conn: ConnId, key: &str, value: &str) -> AckReceiver {
+        let (ack, rx) = ack::channel();
         // If the worker is gone the ack sender is dropped with the command
         // and the receiver reports that; nothing else to do here.
         self.send(Command::Register {
@@ -312,7 +313,7 @@ struct Holder {
     conn: ConnId,
     value: String,
     /// The acknowledgement, while owed, and since when.
-    ack: Option<(Sender<Ack>, Instant)>,
+    ack: Option<(AckSender, Instant)>,
 }
 
 struct Key {
@@ -360,14 +361,7 @@ impl Table {
         }
     }
 
-    fn register(
-        &mut self,
-        conn: ConnId,
-        key: String,
-        value: String,
-        ack: Sender<Ack>,
-        now: Instant,
-    ) {
+    fn register(&mut self, conn: ConnId, key: String, value: String, ack: AckSender, now: Instant) {
         let k = self.keys.entry(key.clone()).or_insert(Key {
             holders: Vec::new(),
             todo: Todo::Synced,
@@ -433,8 +427,7 @@ impl Table {
                 h.conn
             );
             if let Some((tx, _)) = h.ack {
-                // The connection may have gone meanwhile.
-                let _ = tx.send(Err(format!("etcd refused the entry: {why}")));
+                tx.send(Err(format!("etcd refused the entry: {why}")));
             }
         }
         self.holder_gone(key);
@@ -456,8 +449,7 @@ impl Table {
         }
         for h in &mut k.holders {
             if let Some((tx, _)) = h.ack.take() {
-                // The connection may have gone meanwhile.
-                let _ = tx.send(Ok(()));
+                tx.send(Ok(()));
             }
         }
         self.set(key, Todo::Synced);
@@ -1065,7 +1057,7 @@ impl<S: Store> Worker<S> {
         for k in self.table.keys.values_mut() {
             for h in &mut k.holders {
                 if let Some((tx, _)) = h.ack.take() {
-                    let _ = tx.send(Err("skyapi is shutting down".into()));
+                    tx.send(Err("skyapi is shutting down".into()));
                 }
             }
         }
@@ -1313,7 +1305,7 @@ mod tests {
             conn,
             key: key.into(),
             value: value.into(),
-            ack,
+            ack: ack.into(),
         });
         rx
     }
@@ -1495,7 +1487,7 @@ mod tests {
             conn: 3,
             key: "/d/c".into(),
             value: "v".into(),
-            ack,
+            ack: ack.into(),
         });
         fake.0.borrow_mut().calls.clear();
         let (done, rx) = mpsc::channel();
