@@ -327,6 +327,8 @@ struct Key {
     revision: Option<i64>,
     /// We saw it overwritten without a lease: a delete must expect lease 0.
     leaseless: bool,
+    /// The holder whose value our last write stored.
+    writer: Option<ConnId>,
 }
 
 impl Key {
@@ -367,6 +369,7 @@ impl Table {
             todo: Todo::Synced,
             revision: None,
             leaseless: false,
+            writer: None,
         });
         let mut owed = Some((ack, now));
         if let Some(i) = k.holders.iter().position(|h| h.conn == conn) {
@@ -403,10 +406,15 @@ impl Table {
         let Some(k) = self.keys.get(key) else {
             return;
         };
+        let newest = k.holders.last().map(|h| h.conn);
         let next = if k.holders.is_empty() {
             Todo::Delete
         } else if k.holders.iter().any(|h| h.ack.is_some()) {
             Todo::Put
+        } else if k.revision.is_some() && k.writer == newest {
+            // etcd holds the remaining newest holder's value already (the
+            // one that left or was refused had not been written).
+            Todo::Synced
         } else if k.revision.is_some() {
             Todo::Update
         } else {
@@ -443,6 +451,7 @@ impl Table {
             debug!("stored {key}");
             k.revision = Some(revision);
             k.leaseless = false;
+            k.writer = k.holders.last().map(|h| h.conn);
         } else {
             info!("{key} was not written: another instance holds it, or it changed since our last write");
             k.revision = None;
@@ -469,14 +478,18 @@ impl Table {
                         todo: Todo::Delete,
                         revision: None,
                         leaseless: false,
+                        writer: None,
                     },
                 );
                 self.set(key, Todo::Delete);
             }
             return;
         };
-        if seen.is_none_or(|(l, _)| Some(l) != lease) {
+        if seen.is_none_or(|(l, rev)| Some(l) != lease || k.revision != Some(rev)) {
             // Whatever we wrote is not there any more.
+            k.writer = None;
+        }
+        if seen.is_none_or(|(l, _)| Some(l) != lease) {
             k.revision = None;
         }
         match k.todo {
