@@ -47,7 +47,20 @@ pub struct EtcdStore {
     /// it: a refused token is then not stale, and logging in again would
     /// only cost etcd another bcrypt.
     last_call_fresh: bool,
+    /// HTTP/2 ping interval and answer timeout (see `WATCH_PINGS`).
+    pings: (Duration, Duration),
 }
+
+/// HTTP/2 pings of the worker's connection: a member that hangs is found
+/// in about a second, often before a request times out.
+const PINGS: (Duration, Duration) = (Duration::from_millis(500), Duration::from_millis(1000));
+/// HTTP/2 pings of the watch's connection. etcd (grpc-go) closes a
+/// connection that pings more often than `--grpc-keepalive-min-time` (5 s
+/// by default) while it sends nothing back ("too_many_pings"), which an
+/// idle watch never does: so a watch pings every 6 s, and finds a dead
+/// connection within about 9 s (measured: pinging every 500 ms, an idle
+/// watch was closed by etcd every 2.5 s).
+const WATCH_PINGS: (Duration, Duration) = (Duration::from_secs(6), Duration::from_secs(3));
 
 impl EtcdStore {
     pub fn new(config: EtcdConfig) -> std::io::Result<Self> {
@@ -62,7 +75,16 @@ impl EtcdStore {
             current: 0,
             keeper: None,
             last_call_fresh: false,
+            pings: PINGS,
         })
+    }
+
+    /// A store for the watch: its own runtime and client, pinging as etcd
+    /// allows a connection that only listens.
+    pub fn for_watch(config: EtcdConfig) -> std::io::Result<Self> {
+        let mut store = EtcdStore::new(config)?;
+        store.pings = WATCH_PINGS;
+        Ok(store)
     }
 
     /// Runs one etcd call against the current endpoint's client, bounded in
@@ -147,11 +169,11 @@ impl EtcdStore {
             return Ok(c.clone());
         }
         // HTTP/2 pings find a connection to a member that hangs (frozen,
-        // partitioned) in about a second, often before a request times out.
+        // partitioned).
         let mut options = ConnectOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
             .with_timeout(REQUEST_TIMEOUT)
-            .with_keep_alive(Duration::from_millis(500), Duration::from_millis(1000))
+            .with_keep_alive(self.pings.0, self.pings.1)
             .with_keep_alive_while_idle(true);
         if let Some((user, password)) = &self.config.user {
             // etcd's simple tokens expire (5 minutes by default): have the

@@ -37,7 +37,7 @@ pub fn spawn(
     dir: String,
     worker: WorkerHandle,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let store = EtcdStore::new(config)?;
+    let store = EtcdStore::for_watch(config)?;
     std::thread::Builder::new()
         .name("etcd-watch".into())
         .spawn(move || run(store, &dir, &worker))

@@ -1806,11 +1806,13 @@ fn revision(etcd: &Etcd) -> i64 {
 #[test]
 fn compaction_while_the_watch_was_broken_is_followed_by_a_full_check() {
     let _w = watchdog(TEST_LIMIT);
-    const T: u64 = 12;
+    // Long enough for the lease to outlive the partition: the watch's
+    // connection pings every 6 s (as etcd allows) and gives up 3 s later.
+    const T: u64 = 30;
     let etcd = Etcd::start_new();
     let proxy = TcpProxy::start(SocketAddr::from(([127, 0, 0, 1], etcd.client_port())));
     let through = format!("http://{}", proxy.addr());
-    let sky = Skyapi::start(&etcd, &["--timeout", "12", "--etcd-api", &through]);
+    let sky = Skyapi::start(&etcd, &["--timeout", "30", "--etcd-api", &through]);
     let fleet = Fleet::new();
     let list = [("foo", 9999), ("bar", 8888)];
     let ids: Vec<ClientId> = list
@@ -1827,7 +1829,7 @@ fn compaction_while_the_watch_was_broken_is_followed_by_a_full_check() {
     within(
         "skyapi sees its watch broken",
         cut,
-        Duration::from_secs(5),
+        Duration::from_secs(12),
         || {
             let logs = sky.logs();
             logs.iter()
@@ -1850,7 +1852,7 @@ fn compaction_while_the_watch_was_broken_is_followed_by_a_full_check() {
         &etcd,
         &want,
         healed,
-        Duration::from_secs(T / 2),
+        Duration::from_secs(10),
         "the entry deleted during the break restored",
     );
     assert!(
