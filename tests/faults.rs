@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | 1 | etcd briefly unavailable | `etcd_restart_keeps_clients_and_queues_registrations` (killed and restarted), `frozen_etcd_keeps_clients_and_queues_registrations` (SIGSTOP) |
 //! | 2 | lease lost | `revoked_lease_is_regranted_and_entries_put_again` (`etcdctl lease revoke`), `partition_outlasting_the_lease_regrants_and_puts_again` (expired behind a partition) |
-//! | 3 | entry removed or changed behind skyapi's back | `entry_deleted_or_changed_behind_skyapis_back_is_restored` |
+//! | 3 | entry removed or changed behind skyapi's back (seen through the watch) | `entry_deleted_or_changed_behind_skyapis_back_is_restored` |
 //! | 4 | etcd not reachable at start-up | `etcd_unreachable_at_startup_then_appears` |
 //! | 5 | a member of a cluster lost | `cluster_member_loss_loses_no_registration` (each member killed in turn), `cluster_member_frozen_loses_no_registration` (SIGSTOP) |
 //! | 6 | several skyapi instances | `client_moved_to_another_instance_keeps_its_entry`, `client_moved_while_its_old_instance_was_partitioned_keeps_its_entry` |
@@ -16,6 +16,7 @@
 //! | 10 | skyapi itself stalls beyond `--timeout` (issue 11) | `skyapi_stalled_beyond_timeout_keeps_every_client` |
 //! | 11 | etcd refuses writes: NOSPACE alarm (issue 11) | `etcd_refusing_writes_is_a_steady_503_until_a_write_succeeds` |
 //! | 12 | stale JWT auth tokens, a permission withdrawn (issue 11) | `stale_jwt_tokens_are_refreshed_not_fatal`, `permission_denied_is_waited_out_not_fatal` |
+//! | 13 | the watch (issue 10): broken while etcd compacts, a lease-less overwrite, churn, one value refused among a key's holders | `compaction_while_the_watch_was_broken_is_followed_by_a_full_check`, `an_entry_overwritten_without_a_lease_is_restored_and_deleted_on_close`, `a_deleted_entry_is_restored_under_churn`, `a_refused_value_fails_only_its_registration`; measurements: `fleet_cost_is_independent_of_fleet_size`, `waiting_connections_cpu` (ignored) |
 //!
 //! Every test asserts the exact etcd contents under `/skydns/` (keys, JSON
 //! values, and the lease where it matters) before, during and after its
@@ -1947,7 +1948,7 @@ fn a_deleted_entry_is_restored_under_churn() {
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let churners: Vec<_> = (0..6u16)
+    let churners: Vec<_> = (0..12u16)
         .map(|t| {
             let (stop, done) = (stop.clone(), done.clone());
             let base = sky.url("");
