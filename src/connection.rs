@@ -565,8 +565,13 @@ fn hold<T: Transport>(
             // an etcd outage cost nothing, and a client's ping is answered
             // at once meanwhile.
             let fd = ws.get_mut().socket().tcp().as_raw_fd();
-            match ack.wait(fd, wake) {
-                Woken::Socket => wake.min(Instant::now() + ACK_DRAIN),
+            let woken = ack.wait(fd, wake);
+            let woke = Instant::now();
+            if liveness.woke(wake, woke).is_some() {
+                shared.metrics.stalls.record(wake, woke, who);
+            }
+            match woken {
+                Woken::Socket => wake.min(woke + ACK_DRAIN),
                 Woken::Answer | Woken::Deadline => continue,
             }
         };

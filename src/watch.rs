@@ -14,7 +14,9 @@
 //!   watch resumes from the revision after the last one delivered (etcd
 //!   replays what happened meanwhile); when that revision is compacted
 //!   away, or at start, the watch begins at "now" and the worker is sent
-//!   `Resync` (one full keys-only read) once the new watch is in place;
+//!   `Resync` once the new watch is in place (one full keys-only read after
+//!   a compaction; at start only if the worker wrote before the watch
+//!   began);
 //! - in steady state the watch costs nothing but the changes themselves
 //!   (and the HTTP/2 pings that find a dead connection);
 //! - a broken watch is retried with a backoff (`RETRY` up to
@@ -47,6 +49,7 @@ fn run(mut store: EtcdStore, dir: &str, worker: &WorkerHandle) {
     // The last revision whose changes the worker has been given; None: no
     // continuity (start, compaction).
     let mut last: Option<i64> = None;
+    let mut started = false;
     let mut backoff = RETRY;
     let pause = |backoff: &mut Duration| {
         std::thread::sleep(*backoff);
@@ -69,8 +72,13 @@ fn run(mut store: EtcdStore, dir: &str, worker: &WorkerHandle) {
                     match from {
                         Some(from) => debug!("etcd watch resumed from revision {from}"),
                         None => {
+                            // The first watch follows on from `revision`; a
+                            // later fresh one follows a compaction, after
+                            // which nothing is known.
+                            let after = (!started).then_some(revision);
+                            started = true;
                             last = Some(revision);
-                            if !worker.watched(Command::Resync) {
+                            if !worker.watched(Command::Resync { after }) {
                                 return;
                             }
                         }

@@ -168,10 +168,13 @@ pub enum Command {
     },
     /// Changes under the directory, in etcd's order (`watch.rs`).
     Changed(Vec<Change>),
-    /// The watch lost its continuity (it started, or the revision to resume
-    /// from was compacted): events may have been missed, so check every key
-    /// against one full read.
-    Resync,
+    /// The watch has no continuity with what the worker knows: it started
+    /// (events follow from revision `after` + 1), or the revision to resume
+    /// from was compacted (`after` is `None`). Whatever the worker learned
+    /// from etcd before is checked against one full read.
+    Resync {
+        after: Option<i64>,
+    },
     /// Stop. With `revoke`, the lease is revoked (every entry of this
     /// instance goes in one request); without, the entries stay on the
     /// lease, which is no longer kept alive, for a restarted or another
@@ -674,9 +677,11 @@ impl<S: Store> Worker<S> {
                     self.changed(c);
                 }
             }
-            Command::Resync => {
-                info!("etcd watch (re)started without continuity: checking every key");
-                self.check_due.get_or_insert_with(Instant::now);
+            Command::Resync { after } => {
+                if self.knows_of_etcd_before(after) {
+                    info!("etcd watch (re)started without continuity: checking every key");
+                    self.check_due.get_or_insert_with(Instant::now);
+                }
             }
             Command::Shutdown { done, stop } => {
                 self.shutdown(stop);
@@ -686,6 +691,21 @@ impl<S: Store> Worker<S> {
             }
         }
         true
+    }
+
+    /// Whether anything the worker believes about etcd was learned before
+    /// revision `after` (always, without one): then changes since may have
+    /// been missed. At start, when every key was written after the watch
+    /// began or not yet, there is nothing to check, and the directory (the
+    /// whole fleet's) is not read.
+    fn knows_of_etcd_before(&self, after: Option<i64>) -> bool {
+        let Some(after) = after else { return true };
+        self.table.keys.values().any(|k| match k.revision {
+            Some(rev) => rev <= after,
+            // Unwritten registrations know nothing of etcd yet; anything
+            // else (another instance's, to delete, to restore) came from it.
+            None => k.todo != Todo::Put,
+        })
     }
 
     fn changed(&mut self, c: Change) {
@@ -1807,7 +1827,7 @@ mod tests {
         fake.put_foreign("/d/b", "forged", lease);
         fake.0.borrow_mut().events.clear();
         fake.0.borrow_mut().calls.clear();
-        w.handle(Command::Resync);
+        w.handle(Command::Resync { after: None });
         w.tick(t0 + Duration::from_millis(1));
         assert_eq!(fake.count("list"), 1);
         assert_eq!(fake.get("/d/a").unwrap(), ("v".into(), lease));
@@ -1815,6 +1835,26 @@ mod tests {
         assert_eq!(fake.get("/d/stray"), None, "ours without a connection");
         w.tick(t0 + Duration::from_secs(20));
         assert_eq!(fake.count("list"), 1, "no read without a reason");
+    }
+
+    #[test]
+    fn a_fresh_watch_reads_the_directory_only_if_the_worker_wrote_before_it() {
+        let fake = Fake::default();
+        let mut w = worker(&fake);
+        register(&mut w, 1, "/d/a", "v");
+        // The watch began before anything was written: nothing to check.
+        let before = fake.0.borrow().revision;
+        w.handle(Command::Resync {
+            after: Some(before),
+        });
+        let t0 = Instant::now();
+        w.tick(t0);
+        assert_eq!(fake.count("list"), 0);
+        // Written before the watch began: checked once.
+        let after = fake.0.borrow().revision;
+        w.handle(Command::Resync { after: Some(after) });
+        w.tick(t0 + Duration::from_millis(1));
+        assert_eq!(fake.count("list"), 1);
     }
 
     /// One step of the model-based test.
@@ -1956,7 +1996,7 @@ mod tests {
                 }
                 Op::LoseEvents => {
                     fake.0.borrow_mut().events.clear();
-                    w.handle(Command::Resync);
+                    w.handle(Command::Resync { after: None });
                 }
                 Op::Tick(s) => {
                     fake.deliver(&mut w);
