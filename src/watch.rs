@@ -101,7 +101,14 @@ fn run(mut store: EtcdStore, dir: &str, worker: &WorkerHandle) {
                     break;
                 }
                 Ok(Some(Watched::Canceled(why))) => {
-                    warn!("etcd ended the watch on {dir}: {why}; opening it again");
+                    // E.g. "required revision is a future revision": etcd was
+                    // restored from a backup or wiped. Whatever the reason,
+                    // resuming could miss changes: start afresh and check.
+                    warn!(
+                        "etcd ended the watch on {dir}: {why}; watching from now and \
+                         checking every key once"
+                    );
+                    last = None;
                     pause(&mut backoff);
                     break;
                 }

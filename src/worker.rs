@@ -848,9 +848,13 @@ impl<S: Store> Worker<S> {
         let Some(lease) = self.lease else {
             return;
         };
-        // While a full check is owed, a delete waits for it: it tells
-        // which lease (or none) the key must still have.
-        if self.check_due.is_none() {
+        // While a full check is owed, a delete waits for it (it tells which
+        // lease, or none, the key must still have), but not for long: a
+        // check etcd keeps refusing must not keep our keys alive.
+        if self
+            .check_due
+            .is_none_or(|due| now >= due + MAX_REFUSED_BACKOFF)
+        {
             if let Err(e) = self.flush_deletes(lease) {
                 return self.failed(e, now);
             }
