@@ -564,6 +564,16 @@ fn hold<T: Transport>(
             // deadline: no polling, so thousands of connections waiting out
             // an etcd outage cost nothing, and a client's ping is answered
             // at once meanwhile.
+            // A pong tungstenite queued for the client's ping goes out
+            // with the next read or flush: flush it before waiting.
+            match ws.flush() {
+                Ok(()) => {}
+                Err(tungstenite::Error::Io(e)) if is_timeout(&e) => {}
+                Err(e) => {
+                    debug!("{who}: {e}");
+                    return Removal::Error;
+                }
+            }
             let fd = ws.get_mut().socket().tcp().as_raw_fd();
             let woken = ack.wait(fd, wake);
             let woke = Instant::now();

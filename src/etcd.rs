@@ -47,20 +47,17 @@ pub struct EtcdStore {
     /// it: a refused token is then not stale, and logging in again would
     /// only cost etcd another bcrypt.
     last_call_fresh: bool,
-    /// HTTP/2 ping interval and answer timeout (see `WATCH_PINGS`).
-    pings: (Duration, Duration),
 }
 
-/// HTTP/2 pings of the worker's connection: a member that hangs is found
-/// in about a second, often before a request times out.
-const PINGS: (Duration, Duration) = (Duration::from_millis(500), Duration::from_millis(1000));
-/// HTTP/2 pings of the watch's connection. etcd (grpc-go) closes a
+/// HTTP/2 ping interval and answer timeout. etcd (grpc-go) closes a
 /// connection that pings more often than `--grpc-keepalive-min-time` (5 s
-/// by default) while it sends nothing back ("too_many_pings"), which an
-/// idle watch never does: so a watch pings every 6 s, and finds a dead
-/// connection within about 9 s (measured: pinging every 500 ms, an idle
-/// watch was closed by etcd every 2.5 s).
-const WATCH_PINGS: (Duration, Duration) = (Duration::from_secs(6), Duration::from_secs(3));
+/// by default) while it sends little back ("too_many_pings"): measured,
+/// pinging every 500 ms, an idle watch was cut every 2.5 s, and under auth
+/// the worker's connection every keepalive (each time a new login, a
+/// bcrypt for etcd). A hung member is found by the request timeout
+/// (`REQUEST_TIMEOUT`) first; the pings find a dead idle connection (the
+/// watch's) within about 9 s.
+const PINGS: (Duration, Duration) = (Duration::from_secs(6), Duration::from_secs(3));
 
 impl EtcdStore {
     pub fn new(config: EtcdConfig) -> std::io::Result<Self> {
@@ -75,16 +72,7 @@ impl EtcdStore {
             current: 0,
             keeper: None,
             last_call_fresh: false,
-            pings: PINGS,
         })
-    }
-
-    /// A store for the watch: its own runtime and client, pinging as etcd
-    /// allows a connection that only listens.
-    pub fn for_watch(config: EtcdConfig) -> std::io::Result<Self> {
-        let mut store = EtcdStore::new(config)?;
-        store.pings = WATCH_PINGS;
-        Ok(store)
     }
 
     /// Runs one etcd call against the current endpoint's client, bounded in
@@ -173,7 +161,7 @@ impl EtcdStore {
         let mut options = ConnectOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
             .with_timeout(REQUEST_TIMEOUT)
-            .with_keep_alive(self.pings.0, self.pings.1)
+            .with_keep_alive(PINGS.0, PINGS.1)
             .with_keep_alive_while_idle(true);
         if let Some((user, password)) = &self.config.user {
             // etcd's simple tokens expire (5 minutes by default): have the
@@ -307,10 +295,19 @@ impl Store for EtcdStore {
     }
 
     fn keep_alive(&mut self, lease: i64) -> Result<(), StoreError> {
+        let reused = self.keeper.is_some();
         // A stale token is refreshed here as in `unary`.
         match self.keep_alive_once(lease) {
             Err(StoreError::Auth(why)) if self.may_log_in_again() => {
                 log::info!("etcd: {why}; logging in again and retrying the keepalive");
+                self.keep_alive_once(lease)
+            }
+            // A stream that sat idle between keepalives may have been
+            // closed by etcd meanwhile (a GOAWAY: a restart, its ping
+            // policy): that is not etcd being unreachable until a fresh
+            // connection fails too (on the next member, if there is one).
+            Err(StoreError::Unreachable(why)) if reused => {
+                log::debug!("etcd keepalive stream broken ({why}); reopening it");
                 self.keep_alive_once(lease)
             }
             other => other,

@@ -39,7 +39,7 @@ pub fn spawn(
     dir: String,
     worker: WorkerHandle,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let store = EtcdStore::for_watch(config)?;
+    let store = EtcdStore::new(config)?;
     std::thread::Builder::new()
         .name("etcd-watch".into())
         .spawn(move || run(store, &dir, &worker))
