@@ -94,7 +94,8 @@ impl AckReceiver {
     }
 
     /// Blocks until the answer may have come, `socket` is readable, or
-    /// `deadline`; a signal (shutdown, a revoked token) ends it early too.
+    /// `deadline`; a signal (shutdown, a revoked token) ends it early too. A
+    /// negative `socket` waits for the answer alone.
     pub fn wait(&self, socket: RawFd, deadline: Instant) -> Woken {
         let mut timeout = deadline.saturating_duration_since(Instant::now());
         if self.wake.is_none() {

@@ -50,6 +50,11 @@ use crate::worker::ConnId;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a closing connection waits for the client's close frame.
 const CLOSE_WAIT: Duration = Duration::from_millis(500);
+/// How long a new connection waits for its entry to be stored before it
+/// serves the socket: with etcd up the answer comes in about a millisecond,
+/// and the welcome stays the first message the client gets (a ping sent
+/// with the request head is answered after it).
+const ACK_FIRST_WAIT: Duration = Duration::from_secs(1);
 /// While its entry is not stored yet, a connection reads a frame that has
 /// begun to arrive for at most this long before it looks for its answer
 /// again (the rest of the frame is kept for the next read).
@@ -464,6 +469,7 @@ fn hold<T: Transport>(
 ) -> Removal {
     let timeout = shared.timeout;
     let mut liveness = Liveness::new(timeout, Instant::now());
+    let mut first_wait = true;
     let rate = shared.limits.message_rate;
     let mut bucket = Bucket::new(rate, rate * MSG_BURST_SECS);
     // Bytes too, for frames that never make a message: as many as the
@@ -574,7 +580,13 @@ fn hold<T: Transport>(
                     return Removal::Error;
                 }
             }
-            let fd = ws.get_mut().socket().tcp().as_raw_fd();
+            let (fd, wake) = if first_wait {
+                first_wait = false;
+                // A negative fd: poll(2) ignores it.
+                (-1, wake.min(now + ACK_FIRST_WAIT))
+            } else {
+                (ws.get_mut().socket().tcp().as_raw_fd(), wake)
+            };
             let woken = ack.wait(fd, wake);
             let woke = Instant::now();
             if liveness.woke(wake, woke).is_some() {

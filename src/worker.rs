@@ -467,9 +467,9 @@ impl Table {
         self.set(key, Todo::Synced);
     }
 
-    /// Applies what etcd says is there now (a watch event or a full read)
-    /// to a key of ours; `None` is absent.
-    /// `lease` is ours, if we have one now.
+    /// Applies what etcd says is there now (a watch event or a full read:
+    /// `(lease, mod_revision)`, `None` for absent) to a key; `lease` is ours,
+    /// if we have one now.
     fn observed(&mut self, key: &str, seen: Option<(i64, i64)>, lease: Option<i64>) {
         let Some(k) = self.keys.get_mut(key) else {
             if seen.is_some_and(|(l, _)| Some(l) == lease) {
@@ -488,6 +488,7 @@ impl Table {
             }
             return;
         };
+        let was_ours = k.revision.is_some();
         if seen.is_none_or(|(l, rev)| Some(l) != lease || k.revision != Some(rev)) {
             // Whatever we wrote is not there any more.
             k.writer = None;
@@ -525,10 +526,9 @@ impl Table {
                     // An update goes ahead: the key is as we wrote it.
                 }
                 Some(_) => {
-                    if k.revision.is_some() {
+                    if was_ours {
                         info!("{key} was put by another instance: left to it");
                     }
-                    k.revision = None;
                     self.set(key, Todo::Synced);
                 }
             },
