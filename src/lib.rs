@@ -8,9 +8,11 @@
 //! - `provide`: the `/provide` contract: parameters, ids, keys, values;
 //! - `http`: request heads, routing helpers and plain responses;
 //! - `connection`: one thread per connection: handshake and ping loop;
+//! - `ack`: a registration's answer, waking the connection thread;
 //! - `liveness`: when to ping, when to drop a client, and stalls of skyapi;
 //! - `worker`: the etcd worker's logic behind the `Store` trait;
 //! - `etcd`: `Store` on a real etcd through etcd-client;
+//! - `watch`: the change feed: a watch on the directory, into the worker;
 //! - `health`: whether registrations are being stored, for `/healthz`;
 //! - `endpoints`: `/healthz`, `/metrics`, `/services`;
 //! - `metrics`: counters and the Prometheus text writer;
@@ -25,6 +27,7 @@
 //! - `transport`: the socket with a per-read deadline, plain or under TLS;
 //! - `error`: the error types of each boundary.
 
+pub mod ack;
 pub mod activation;
 pub mod admin;
 pub mod auth;
@@ -45,4 +48,5 @@ pub mod sidecar;
 pub mod supervisor;
 pub mod tls;
 pub mod transport;
+pub mod watch;
 pub mod worker;

@@ -15,7 +15,7 @@ use std::time::Instant;
 use crate::error::StoreError;
 use crate::health::EtcdState;
 use crate::liveness::Stalls;
-use crate::worker::{Store, StoredKv};
+use crate::worker::{Guard, Store, StoredKv};
 
 /// etcd operations, as the `op` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -502,14 +502,13 @@ impl<S: Store> Store for Metered<S> {
     }
     fn put(
         &mut self,
-        kvs: &[(String, String)],
+        kvs: &[(String, String, Guard)],
         lease: i64,
-        only_if_absent: bool,
-    ) -> Result<i64, StoreError> {
-        self.timed(Op::Put, |s| s.put(kvs, lease, only_if_absent))
+    ) -> Result<(i64, Vec<bool>), StoreError> {
+        self.timed(Op::Put, |s| s.put(kvs, lease))
     }
-    fn delete_owned(&mut self, keys: &[String], lease: i64) -> Result<(), StoreError> {
-        self.timed(Op::Delete, |s| s.delete_owned(keys, lease))
+    fn delete_if(&mut self, keys: &[(String, i64)]) -> Result<Vec<bool>, StoreError> {
+        self.timed(Op::Delete, |s| s.delete_if(keys))
     }
     fn rewrite_owned(
         &mut self,

@@ -367,6 +367,14 @@ pub fn run(config: Config) -> Result<(), String> {
         }),
     )
     .map_err(|e| format!("cannot start the etcd worker: {e}"))?;
+    // The watcher's thread runs as long as the process; it ends on its own
+    // once the worker is gone.
+    crate::watch::spawn(
+        config.etcd.clone(),
+        config.layout.root_dir(),
+        worker.clone(),
+    )
+    .map_err(|e| format!("cannot start the etcd watch: {e}"))?;
 
     let shared = Arc::new(Shared {
         layout: config.layout.clone(),

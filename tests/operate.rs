@@ -1260,8 +1260,9 @@ fn etcd_auth_survives_token_expiry_and_a_wrong_password_is_unhealthy() {
     );
     let root = Some(ROOT_USER);
 
-    // --timeout 6: keepalive and reconcile every 2 s, each past the token's
-    // 1 s lifetime.
+    // --timeout 6: keepalive every 2 s, past the token's 1 s lifetime (it
+    // rides on a stream opened once; the second registration below is the
+    // first request after the token expired).
     let sky = Proc::server(
         &[
             "--listen-addr",
@@ -1291,19 +1292,6 @@ fn etcd_auth_survives_token_expiry_and_a_wrong_password_is_unhealthy() {
         .unwrap_or_else(|| panic!("{first_key} not in {got:?}"))
         .clone();
 
-    // etcd deletes skyapi's token, and skyapi presents it again later:
-    // proof that the expiry really happens under skyapi's feet.
-    eventually(
-        "etcd refuses an expired token of skyapi's",
-        Duration::from_secs(15),
-        || {
-            let log = node.log();
-            (log.contains("deleted a simple token")
-                && log.contains("\"user-name\":\"skyapi\"")
-                && log.contains("invalid auth token"))
-            .then_some(())
-        },
-    );
     // Past the lease TTL (6 s) with tokens expiring all along: healthy, and
     // the first entry kept alive on its original lease.
     holds_every(
@@ -1332,6 +1320,19 @@ fn etcd_auth_survives_token_expiry_and_a_wrong_password_is_unhealthy() {
     let (mut second, welcome) = register(&sky.url("/provide?service=bar&port=8080&host=127.0.0.1"));
     let second_key = local_key("bar", 8080);
     assert_eq!(welcome["key"], second_key.as_str());
+    // etcd deleted skyapi's token, and skyapi presented it again for this
+    // put: proof that the expiry really happened under skyapi's feet.
+    eventually(
+        "etcd refuses an expired token of skyapi's",
+        Duration::from_secs(15),
+        || {
+            let log = node.log();
+            (log.contains("deleted a simple token")
+                && log.contains("\"user-name\":\"skyapi\"")
+                && log.contains("invalid auth token"))
+            .then_some(())
+        },
+    );
     let got = node.get_prefix(root, ROOT);
     assert!(
         got.contains_key(&first_key) && got.contains_key(&second_key),
