@@ -25,6 +25,7 @@ pub mod faults;
 pub mod hostile;
 pub mod operate;
 pub mod pki;
+pub mod promtool;
 pub mod skyapi;
 
 pub use client::*;
