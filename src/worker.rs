@@ -583,6 +583,11 @@ pub struct Worker<S: Store> {
     had_lease: bool,
     /// Consecutive refusals by etcd, for the backoff.
     rejected_streak: u32,
+    /// The latest time `tick` was given. Commands are stamped with the
+    /// later of this and the clock, so every deadline the worker keeps is on
+    /// the timeline its ticks run on (the tests drive ticks ahead of the
+    /// clock; in the server the two agree).
+    clock: Instant,
     health: Tracker,
     metrics: Arc<Metrics>,
 }
@@ -607,6 +612,7 @@ impl<S: Store> Worker<S> {
             retry_at: now,
             had_lease: false,
             rejected_streak: 0,
+            clock: now,
             health: Tracker::new(health, metrics.clone()),
             metrics,
         }
@@ -671,7 +677,7 @@ impl<S: Store> Worker<S> {
                 key,
                 value,
                 ack,
-            } => self.table.register(conn, key, value, ack, Instant::now()),
+            } => self.table.register(conn, key, value, ack, self.now()),
             Command::Unregister { conn, key } => self.table.unregister(conn, &key),
             Command::Changed(changes) => {
                 for c in changes {
@@ -681,7 +687,8 @@ impl<S: Store> Worker<S> {
             Command::Resync { after } => {
                 if self.knows_of_etcd_before(after) {
                     info!("etcd watch (re)started without continuity: checking every key");
-                    self.check_due.get_or_insert_with(Instant::now);
+                    let now = self.now();
+                    self.check_due.get_or_insert(now);
                 }
             }
             Command::Shutdown { done, stop } => {
@@ -724,6 +731,11 @@ impl<S: Store> Worker<S> {
         self.table.observed(&c.key, seen, lease);
     }
 
+    /// Now, on the ticks' timeline (see `clock`).
+    fn now(&self) -> Instant {
+        self.clock.max(Instant::now())
+    }
+
     fn next_deadline(&self) -> Instant {
         let mut next = self.keepalive_due;
         if self.lease.is_none() || !self.table.pending.is_empty() || self.check_due.is_some() {
@@ -734,6 +746,7 @@ impl<S: Store> Worker<S> {
 
     /// Does whatever is due: lease upkeep, a full check, pending writes.
     pub fn tick(&mut self, now: Instant) {
+        self.clock = self.clock.max(now);
         if now >= self.retry_at || now >= self.keepalive_due {
             self.ensure_lease(now);
         }
@@ -884,6 +897,12 @@ impl<S: Store> Worker<S> {
     /// and that key is given up.
     fn flush_deletes(&mut self, lease: i64) -> Result<(), StoreError> {
         let mut batch = MAX_DELETES_PER_TXN;
+        // Deletes go ahead of an owed full check only once it is overdue;
+        // then a key may have been overwritten without a lease unseen (its
+        // event lost), so one that is not on our lease is also deleted where
+        // it has no lease: a lease-less key at our key is never another
+        // instance's registration.
+        let unsure = self.check_due.is_some();
         loop {
             let keys = self.table.pending_with(Todo::Delete, batch);
             if keys.is_empty() {
@@ -897,7 +916,24 @@ impl<S: Store> Worker<S> {
                 })
                 .collect();
             match self.store.delete_if(&chunk) {
-                Ok(deleted) => {
+                Ok(mut deleted) => {
+                    let again: Vec<(usize, (String, i64))> = chunk
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, (_, l))| {
+                            unsure && *l != 0 && !deleted.get(*i).copied().unwrap_or(false)
+                        })
+                        .map(|(i, (k, _))| (i, (k.clone(), 0)))
+                        .collect();
+                    if !again.is_empty() {
+                        let (at, kvs): (Vec<usize>, Vec<(String, i64)>) = again.into_iter().unzip();
+                        let second = self.store.delete_if(&kvs)?;
+                        for (j, i) in at.into_iter().enumerate() {
+                            if second.get(j).copied().unwrap_or(false) {
+                                deleted[i] = true;
+                            }
+                        }
+                    }
                     for (i, (k, l)) in chunk.iter().enumerate() {
                         if deleted.get(i).copied().unwrap_or(false) {
                             debug!("deleted {k}");
