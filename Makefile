@@ -1,6 +1,7 @@
 # skyapi: `make run` to try it, `make test` to test it. Both install what is
 # missing first (Debian packages: etcd-server, etcd-client, protobuf-compiler,
-# and openssl, which the TLS tests use to make certificates).
+# openssl, which the TLS tests use to make certificates, prometheus for
+# promtool, systemd for systemd-socket-activate and systemd-analyze).
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -9,7 +10,7 @@ LISTEN ?= :8053
 RUN_DIR := target/run
 APT_PKGS := etcd-server etcd-client protobuf-compiler
 
-.PHONY: all deps build release run test lint check clean-run static fuzz soak bench
+.PHONY: all deps build release run test lint check clean-run static deb fuzz soak bench chaos
 
 all: build
 
@@ -20,6 +21,8 @@ deps:
 	command -v etcdctl >/dev/null 2>&1 || missing="$$missing etcd-client"; \
 	command -v protoc >/dev/null 2>&1 || missing="$$missing protobuf-compiler"; \
 	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
+	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	command -v systemd-socket-activate >/dev/null 2>&1 || missing="$$missing systemd"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
@@ -65,9 +68,18 @@ run: release
 # Ends with one line adding up every test binary's summary, so the total is
 # the last thing printed (cargo's own last summary is a binary with no tests;
 # the `#[ignore]`d soak variants are run by `make soak`).
+# The package first: tests/systemd.rs installs it (dpkg -i) and checks it.
+# If it cannot be built, the other tests still run and the package tests
+# fail saying so.
+# The 45-second chaos run in it replays one fixed schedule (CHAOS_TEST_SEED),
+# so a failure is reproducible and CI judges the same run every time;
+# `make chaos` draws a new seed each run to explore.
+CHAOS_TEST_SEED ?= 3
 test: deps
+	@$(MAKE) --no-print-directory deb || echo "make deb failed: the package tests in tests/systemd.rs will fail"
 	@mkdir -p target
-	set -o pipefail; $(CARGO) test --all-targets 2>&1 | tee target/test.log
+	set -o pipefail; SKYAPI_CHAOS_SEED=$${SKYAPI_CHAOS_SEED:-$(CHAOS_TEST_SEED)} \
+	  $(CARGO) test --all-targets --no-fail-fast 2>&1 | tee target/test.log
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "tests: %d passed, %d failed\n", p, f }' target/test.log
 
 lint: deps
@@ -93,6 +105,16 @@ static: deps
 	@file $(STATIC_BIN)
 	@ls -l $(STATIC_BIN) | awk '{ printf "size: %.1f MiB\n", $$5 / 1048576 }'
 
+# The Debian package, from the static binary: $(DEB) with /usr/bin/skyapi,
+# the units under /lib/systemd/system, /etc/default/skyapi (a conffile)
+# and the alert rules. cargo-deb comes from crates.io if missing.
+DEB_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+DEB := target/debian/skyapi_$(DEB_VERSION)_amd64.deb
+deb: static
+	@command -v cargo-deb >/dev/null 2>&1 || $(CARGO) install cargo-deb --locked
+	$(CARGO) deb --no-build --no-strip --target $(STATIC_TARGET) --output $(DEB)
+	@dpkg-deb --info $(DEB) | sed -n 's/^ \(Package\|Version\|Installed-Size\):/\1:/p'
+
 # Fuzzes the /provide query parser and key builder for FUZZ_SECONDS
 # (cargo-fuzz on the nightly toolchain; installed if missing).
 FUZZ_SECONDS ?= 60
@@ -103,6 +125,19 @@ fuzz:
 # The long-running variants of the fault and resource tests (minutes).
 soak: deps
 	$(CARGO) test --release -- --ignored --test-threads=1
+
+# The chaos run (tests/chaos.rs, README "Chaos run"): DURATION seconds of
+# seeded random faults (etcd members killed, skyapi partitioned, stalled and
+# restarted, clients churning) against a 3-member etcd and two instances,
+# with the promise checked every 100 ms. SEED replays a run (random if
+# empty). The summary line is printed last, also when the run fails.
+DURATION ?= 300
+SEED ?=
+chaos: deps
+	@mkdir -p target
+	@set -o pipefail; SKYAPI_CHAOS_SECONDS=$(DURATION) SKYAPI_CHAOS_SEED=$(SEED) \
+	  $(CARGO) test --test chaos random_faults_keep_the_promise -- --nocapture 2>&1 | tee target/chaos.log; \
+	  status=$$?; grep '^chaos: seed [0-9]*,' target/chaos.log | tail -1; exit $$status
 
 # Measures issues 4 and 10 with examples/loadgen.rs against throwaway etcds
 # and skyapi on free loopback ports, and writes BENCHMARKS.md (about 15-20

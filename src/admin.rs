@@ -13,13 +13,13 @@
 //! read has the `--handshake-timeout` deadline and the head
 //! `--max-head-size`; `accept()` errors are logged and retried.
 
-use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use log::error;
 
 use crate::connection;
+use crate::listen::Listeners;
 use crate::server::{self, Shared, CONN_STACK};
 
 /// Admin requests served at once: scrapers and operators, not a fleet.
@@ -35,9 +35,11 @@ impl Drop for Slot {
 }
 
 /// Serves the admin listener until shutdown.
-pub fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
+pub fn accept_loop(listener: &Listeners, shared: &Arc<Shared>) {
     let open = Arc::new(AtomicUsize::new(0));
-    while let Some((stream, peer)) = server::accept(listener, shared) {
+    // Not watched by the systemd watchdog: the admin loop is not needed to
+    // keep registrations.
+    while let Some((stream, peer)) = server::accept(listener, shared, || {}) {
         if open.fetch_add(1, Ordering::SeqCst) >= MAX_OPEN {
             open.fetch_sub(1, Ordering::SeqCst);
             shared.limit_hit(

@@ -24,8 +24,9 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::mpsc::TryRecvError;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -34,6 +35,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
+use crate::ack::{AckReceiver, Woken};
 use crate::auth::{self, TokenId};
 use crate::endpoints::Listener;
 use crate::http::{self, Head, HeadError};
@@ -42,17 +44,21 @@ use crate::metrics::{self, Removal};
 use crate::provide::{self, Entry, Registration};
 use crate::server::Shared;
 use crate::transport::{is_over_budget, is_timeout, Bucket, Socket, Transport};
-use crate::worker::{Ack, ConnId};
+use crate::worker::ConnId;
 
 /// A blocked write (a client that reads nothing) fails after this.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a closing connection waits for the client's close frame.
 const CLOSE_WAIT: Duration = Duration::from_millis(500);
-/// How long a new connection blocks waiting for its entry to be stored
-/// before it goes on to serve the socket (etcd slow or down).
+/// How long a new connection waits for its entry to be stored before it
+/// serves the socket: with etcd up the answer comes in about a millisecond,
+/// and the welcome stays the first message the client gets (a ping sent
+/// with the request head is answered after it).
 const ACK_FIRST_WAIT: Duration = Duration::from_secs(1);
-/// How often a connection waiting for etcd checks for the acknowledgement.
-const ACK_POLL: Duration = Duration::from_millis(50);
+/// While its entry is not stored yet, a connection reads a frame that has
+/// begun to arrive for at most this long before it looks for its answer
+/// again (the rest of the frame is kept for the next read).
+const ACK_DRAIN: Duration = Duration::from_millis(10);
 /// How many seconds' worth of `--max-message-rate` a client may send at once.
 const MSG_BURST_SECS: f64 = 5.0;
 /// Bytes allowed per message beyond its payload: a websocket frame header
@@ -382,7 +388,13 @@ fn provide<T: Transport>(
             .metrics
             .registration(metrics::Registration::Abandoned);
     }
-    info!("close {who} reason={}", ending.as_str());
+    // A stop closes every connection at once: one line each would be
+    // thousands of lines per deploy; the server logs the count instead.
+    if ending == Removal::Shutdown {
+        debug!("close {who} reason={}", ending.as_str());
+    } else {
+        info!("close {who} reason={}", ending.as_str());
+    }
 }
 
 /// Whether an advertised host is the connection's own address (compared as
@@ -457,12 +469,11 @@ fn hold<T: Transport>(
     ws: &mut WebSocket<T>,
     entry: &Entry,
     who: &str,
-    ack: Receiver<Ack>,
+    ack: AckReceiver,
     registered: &Registered,
     acked: &mut bool,
 ) -> Removal {
     let timeout = shared.timeout;
-    let ping_every = timeout / 3;
     let mut liveness = Liveness::new(timeout, Instant::now());
     let mut first_wait = true;
     let rate = shared.limits.message_rate;
@@ -485,20 +496,7 @@ fn hold<T: Transport>(
             return Removal::Revoked;
         }
         if !*acked {
-            // The first wait blocks: with etcd up the answer comes in about a
-            // millisecond, and polling would add its period to every
-            // registration. After that, poll between socket reads.
-            let answer = if first_wait {
-                first_wait = false;
-                ack.recv_timeout(ACK_FIRST_WAIT.min(ping_every))
-                    .map_err(|e| match e {
-                        RecvTimeoutError::Timeout => TryRecvError::Empty,
-                        RecvTimeoutError::Disconnected => TryRecvError::Disconnected,
-                    })
-            } else {
-                ack.try_recv()
-            };
-            match answer {
+            match ack.try_recv() {
                 Ok(Ok(())) => {
                     *acked = true;
                     registered.stored();
@@ -573,7 +571,37 @@ fn hold<T: Transport>(
         let wake = if *acked {
             wake
         } else {
-            wake.min(now + ACK_POLL)
+            // Until the entry is stored, wait for the socket and the
+            // worker's answer together (`ack.rs`), up to the liveness
+            // deadline: no polling, so thousands of connections waiting out
+            // an etcd outage cost nothing, and a client's ping is answered
+            // at once meanwhile.
+            // A pong tungstenite queued for the client's ping goes out
+            // with the next read or flush: flush it before waiting.
+            match ws.flush() {
+                Ok(()) => {}
+                Err(tungstenite::Error::Io(e)) if is_timeout(&e) => {}
+                Err(e) => {
+                    debug!("{who}: {e}");
+                    return Removal::Error;
+                }
+            }
+            let (fd, wake) = if first_wait {
+                first_wait = false;
+                // A negative fd: poll(2) ignores it.
+                (-1, wake.min(now + ACK_FIRST_WAIT))
+            } else {
+                (ws.get_mut().socket().tcp().as_raw_fd(), wake)
+            };
+            let woken = ack.wait(fd, wake);
+            let woke = Instant::now();
+            if liveness.woke(wake, woke).is_some() {
+                shared.metrics.stalls.record(wake, woke, who);
+            }
+            match woken {
+                Woken::Socket => wake.min(woke + ACK_DRAIN),
+                Woken::Answer | Woken::Deadline => continue,
+            }
         };
         ws.get_mut().socket().set_deadline(Some(wake));
 

@@ -16,15 +16,16 @@ use std::future::Future;
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity,
-    LeaseKeepAliveStream, LeaseKeeper, PutOptions, TlsOptions, Txn, TxnOp,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    LeaseKeepAliveStream, LeaseKeeper, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse,
+    TxnResponse, WatchOptions, WatchStream,
 };
 use tokio::runtime::Runtime;
 use tonic::Code;
 
 use crate::config::EtcdConfig;
 use crate::error::StoreError;
-use crate::worker::{Store, StoredKv};
+use crate::worker::{Change, Guard, Store, StoredKv};
 
 /// Bound on one etcd request. Short, so queued work is retried promptly
 /// after etcd comes back; long enough for a loaded etcd to answer.
@@ -47,6 +48,16 @@ pub struct EtcdStore {
     /// only cost etcd another bcrypt.
     last_call_fresh: bool,
 }
+
+/// HTTP/2 ping interval and answer timeout. etcd (grpc-go) closes a
+/// connection that pings more often than `--grpc-keepalive-min-time` (5 s
+/// by default) while it sends little back ("too_many_pings"): measured,
+/// pinging every 500 ms, an idle watch was cut every 2.5 s, and under auth
+/// the worker's connection every keepalive (each time a new login, a
+/// bcrypt for etcd). A hung member is found by the request timeout
+/// (`REQUEST_TIMEOUT`) first; the pings find a dead idle connection (the
+/// watch's) within about 9 s.
+const PINGS: (Duration, Duration) = (Duration::from_secs(6), Duration::from_secs(3));
 
 impl EtcdStore {
     pub fn new(config: EtcdConfig) -> std::io::Result<Self> {
@@ -146,11 +157,11 @@ impl EtcdStore {
             return Ok(c.clone());
         }
         // HTTP/2 pings find a connection to a member that hangs (frozen,
-        // partitioned) in about a second, often before a request times out.
+        // partitioned).
         let mut options = ConnectOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
             .with_timeout(REQUEST_TIMEOUT)
-            .with_keep_alive(Duration::from_millis(500), Duration::from_millis(1000))
+            .with_keep_alive(PINGS.0, PINGS.1)
             .with_keep_alive_while_idle(true);
         if let Some((user, password)) = &self.config.user {
             // etcd's simple tokens expire (5 minutes by default): have the
@@ -284,10 +295,19 @@ impl Store for EtcdStore {
     }
 
     fn keep_alive(&mut self, lease: i64) -> Result<(), StoreError> {
+        let reused = self.keeper.is_some();
         // A stale token is refreshed here as in `unary`.
         match self.keep_alive_once(lease) {
             Err(StoreError::Auth(why)) if self.may_log_in_again() => {
                 log::info!("etcd: {why}; logging in again and retrying the keepalive");
+                self.keep_alive_once(lease)
+            }
+            // A stream that sat idle between keepalives may have been
+            // closed by etcd meanwhile (a GOAWAY: a restart, its ping
+            // policy): that is not etcd being unreachable until a fresh
+            // connection fails too (on the next member, if there is one).
+            Err(StoreError::Unreachable(why)) if reused => {
+                log::debug!("etcd keepalive stream broken ({why}); reopening it");
                 self.keep_alive_once(lease)
             }
             other => other,
@@ -304,29 +324,26 @@ impl Store for EtcdStore {
 
     fn put(
         &mut self,
-        kvs: &[(String, String)],
+        kvs: &[(String, String, Guard)],
         lease: i64,
-        only_if_absent: bool,
-    ) -> Result<i64, StoreError> {
+    ) -> Result<(i64, Vec<bool>), StoreError> {
         let ops: Vec<TxnOp> = kvs
             .iter()
-            .map(|(k, v)| {
+            .map(|(k, v, guard)| {
                 let put = TxnOp::put(
                     k.as_str(),
                     v.as_str(),
                     Some(PutOptions::new().with_lease(lease)),
                 );
-                if only_if_absent {
-                    // A nested transaction: put only where the key does not
-                    // exist (create_revision 0 is etcd's "no such key").
-                    TxnOp::txn(
-                        Txn::new()
-                            .when([Compare::create_revision(k.as_str(), CompareOp::Equal, 0)])
-                            .and_then([put]),
-                    )
-                } else {
-                    put
-                }
+                // A guarded put is a nested transaction, so each key's
+                // comparison decides for that key alone. etcd compares a
+                // missing key's lease as 0.
+                let when = match guard {
+                    Guard::Always => return put,
+                    Guard::Free => Compare::lease(k.as_str(), CompareOp::Equal, 0),
+                    Guard::Ours => Compare::lease(k.as_str(), CompareOp::Equal, lease),
+                };
+                TxnOp::txn(Txn::new().when([when]).and_then([put]))
             })
             .collect();
         let txn = Txn::new().and_then(ops);
@@ -334,7 +351,14 @@ impl Store for EtcdStore {
             let txn = txn.clone();
             async move { c.txn(txn).await }
         })?;
-        Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let nested = nested_results(&resp, kvs.len());
+        let written = kvs
+            .iter()
+            .zip(nested)
+            .map(|((_, _, guard), ok)| *guard == Guard::Always || ok)
+            .collect();
+        Ok((revision, written))
     }
 
     fn rewrite_owned(
@@ -361,25 +385,38 @@ impl Store for EtcdStore {
             .flatten())
     }
 
-    fn delete_owned(&mut self, keys: &[String], lease: i64) -> Result<(), StoreError> {
+    fn delete_if(&mut self, keys: &[(String, i64)]) -> Result<Vec<bool>, StoreError> {
         // One outer transaction of nested ones, each deleting its key only if
-        // the key is still attached to our lease.
+        // the key is still attached to the lease given (0: to none).
         let ops: Vec<TxnOp> = keys
             .iter()
-            .map(|k| {
+            .map(|(k, lease)| {
                 TxnOp::txn(
                     Txn::new()
-                        .when([Compare::lease(k.as_str(), CompareOp::Equal, lease)])
+                        .when([Compare::lease(k.as_str(), CompareOp::Equal, *lease)])
                         .and_then([TxnOp::delete(k.as_str(), None)]),
                 )
             })
             .collect();
         let txn = Txn::new().and_then(ops);
-        self.unary(|mut c| {
+        let resp = self.unary(|mut c| {
             let txn = txn.clone();
             async move { c.txn(txn).await }
-        })
-        .map(|_| ())
+        })?;
+        // A missing key compares as lease 0: "succeeded" alone would call it
+        // deleted, so count what etcd says it deleted.
+        let deleted = resp
+            .op_responses()
+            .iter()
+            .map(|op| match op {
+                TxnOpResponse::Txn(t) => t
+                    .op_responses()
+                    .iter()
+                    .any(|inner| matches!(inner, TxnOpResponse::Delete(d) if d.deleted() > 0)),
+                _ => false,
+            })
+            .collect::<Vec<_>>();
+        Ok(pad(deleted, keys.len()))
     }
 
     fn list(&mut self, dir: &str) -> Result<Vec<StoredKv>, StoreError> {
@@ -414,6 +451,94 @@ impl Store for EtcdStore {
             }
         }
     }
+}
+
+/// Per nested transaction of `resp`, whether its comparison held.
+fn nested_results(resp: &TxnResponse, n: usize) -> Vec<bool> {
+    let got = resp
+        .op_responses()
+        .iter()
+        .map(|op| matches!(op, TxnOpResponse::Txn(t) if t.succeeded()))
+        .collect();
+    pad(got, n)
+}
+
+/// `n` answers, however many etcd sent (it sends one per operation): a
+/// missing one counts as "not done", which only costs a log line.
+fn pad(mut v: Vec<bool>, n: usize) -> Vec<bool> {
+    v.resize(n, false);
+    v
+}
+
+/// The watch on the directory, for `watch.rs`: its own store (own runtime,
+/// own client), since a watch stream must be read while the worker blocks
+/// on its channel.
+impl EtcdStore {
+    /// Opens a watch on every key under `dir`, from revision `from` (None:
+    /// from now); etcd answers the creation first.
+    pub fn open_watch(&mut self, dir: &str, from: Option<i64>) -> Result<WatchStream, StoreError> {
+        let end = prefix_end(dir.as_bytes());
+        let key = dir.as_bytes().to_vec();
+        self.unary(|mut c| {
+            let mut options = WatchOptions::new().with_range(end.clone());
+            if let Some(rev) = from {
+                options = options.with_start_revision(rev);
+            }
+            let key = key.clone();
+            async move { c.watch(key, Some(options)).await }
+        })
+    }
+
+    /// The next answer on the watch, waiting as long as it takes (a dead
+    /// connection is found by the client's HTTP/2 pings); `None` when etcd
+    /// ended the stream.
+    pub fn next_watch(&mut self, stream: &mut WatchStream) -> Result<Option<Watched>, StoreError> {
+        let msg = self.rt.block_on(stream.message()).map_err(classify)?;
+        let Some(resp) = msg else { return Ok(None) };
+        if resp.canceled() {
+            return Ok(Some(if resp.compact_revision() > 0 {
+                Watched::Compacted(resp.compact_revision())
+            } else {
+                Watched::Canceled(resp.cancel_reason().to_string())
+            }));
+        }
+        if resp.created() {
+            let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+            return Ok(Some(Watched::Created(revision)));
+        }
+        let changes = resp
+            .events()
+            .iter()
+            .filter_map(|ev| {
+                let kv = ev.kv()?;
+                let deleted = matches!(ev.event_type(), EventType::Delete);
+                Some(Change {
+                    key: String::from_utf8_lossy(kv.key()).into_owned(),
+                    lease: if deleted { 0 } else { kv.lease() },
+                    mod_revision: kv.mod_revision(),
+                    deleted,
+                })
+            })
+            .collect();
+        Ok(Some(Watched::Changes(changes)))
+    }
+
+    /// Forgets every client (after a broken watch, so the next one connects
+    /// afresh, to the next member if this one failed).
+    pub fn reset(&mut self) {
+        self.fail_over();
+    }
+}
+
+/// One answer on the watch.
+pub enum Watched {
+    /// The watch is in place; etcd's revision when it was created.
+    Created(i64),
+    Changes(Vec<Change>),
+    /// The revision asked for is compacted away (etcd's oldest is this).
+    Compacted(i64),
+    /// etcd ended the watch for another reason (permissions, shutdown).
+    Canceled(String),
 }
 
 /// An error with its causes: tonic's own text ("transport error") hides

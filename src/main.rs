@@ -4,9 +4,8 @@
 
 use std::process::ExitCode;
 
-use log::LevelFilter;
-use simplelog::{ConfigBuilder, WriteLogger};
 use skyapi::config::{self, Command};
+use skyapi::logging::init as init_logging;
 
 fn main() -> ExitCode {
     let env = |name: &str| std::env::var(name).ok();
@@ -43,16 +42,4 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// Logs to stderr (supervisors collect it), RFC 3339 UTC timestamps.
-fn init_logging(level: LevelFilter) {
-    let config = ConfigBuilder::new()
-        .set_time_format_rfc3339()
-        .set_thread_level(LevelFilter::Off)
-        .set_target_level(LevelFilter::Off)
-        .add_filter_allow_str("skyapi")
-        .build();
-    // Only fails if a logger is already set, which nothing here does.
-    let _ = WriteLogger::init(level, config, std::io::stderr());
 }

@@ -15,7 +15,7 @@ use std::time::Instant;
 use crate::error::StoreError;
 use crate::health::EtcdState;
 use crate::liveness::Stalls;
-use crate::worker::{Store, StoredKv};
+use crate::worker::{Guard, Store, StoredKv};
 
 /// etcd operations, as the `op` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +107,17 @@ impl Removal {
     }
 }
 
+/// The limits counted in `skyapi_limit_hits_total`, by flag name; a limit
+/// not listed here counts as `other`.
+const LIMITS: [&str; 6] = [
+    "max-connections",
+    "handshake-timeout",
+    "max-head-size",
+    "max-message-size",
+    "max-message-rate",
+    "other",
+];
+
 /// Upper bounds of the latency buckets, in seconds.
 const BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -135,6 +146,11 @@ impl Histogram {
 #[derive(Default)]
 pub struct Metrics {
     connections_open: AtomicI64,
+    /// `--max-connections` and `--timeout`, so alert rules can compare
+    /// against what this instance runs with.
+    connections_max: AtomicU64,
+    timeout_secs: AtomicU64,
+    limit_hits: [AtomicU64; LIMITS.len()],
     registrations: [AtomicU64; 3],
     removals: [AtomicU64; REMOVAL_REASONS.len()],
     etcd_requests: [[AtomicU64; OUTCOMES.len()]; 6],
@@ -152,6 +168,24 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Records the settings alert rules compare against.
+    pub fn configured(&self, max_connections: usize, timeout: std::time::Duration) {
+        self.connections_max
+            .store(max_connections as u64, Ordering::Relaxed);
+        self.timeout_secs
+            .store(timeout.as_secs(), Ordering::Relaxed);
+    }
+
+    /// A limit was hit; `flag` names it (`--max-connections`).
+    pub fn limit_hit(&self, flag: &str) {
+        let name = flag.trim_start_matches('-');
+        let i = LIMITS
+            .iter()
+            .position(|l| *l == name)
+            .unwrap_or(LIMITS.len() - 1);
+        self.limit_hits[i].fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn connection_opened(&self) {
         self.connections_open.fetch_add(1, Ordering::Relaxed);
     }
@@ -231,6 +265,36 @@ impl Metrics {
             "skyapi_connections_open {}",
             self.connections_open.load(Ordering::Relaxed).max(0)
         );
+
+        family(
+            &mut out,
+            "skyapi_connections_max",
+            "gauge",
+            "--max-connections: open connections beyond which new ones get 503.",
+        );
+        let _ = writeln!(out, "skyapi_connections_max {}", get(&self.connections_max));
+
+        family(
+            &mut out,
+            "skyapi_timeout_seconds",
+            "gauge",
+            "--timeout: the lease TTL and the liveness bound of every client.",
+        );
+        let _ = writeln!(out, "skyapi_timeout_seconds {}", get(&self.timeout_secs));
+
+        family(
+            &mut out,
+            "skyapi_limit_hits_total",
+            "counter",
+            "Times a limit was hit, by the flag that sets it.",
+        );
+        for (i, l) in LIMITS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "skyapi_limit_hits_total{{limit=\"{l}\"}} {}",
+                get(&self.limit_hits[i])
+            );
+        }
 
         family(
             &mut out,
@@ -438,14 +502,13 @@ impl<S: Store> Store for Metered<S> {
     }
     fn put(
         &mut self,
-        kvs: &[(String, String)],
+        kvs: &[(String, String, Guard)],
         lease: i64,
-        only_if_absent: bool,
-    ) -> Result<i64, StoreError> {
-        self.timed(Op::Put, |s| s.put(kvs, lease, only_if_absent))
+    ) -> Result<(i64, Vec<bool>), StoreError> {
+        self.timed(Op::Put, |s| s.put(kvs, lease))
     }
-    fn delete_owned(&mut self, keys: &[String], lease: i64) -> Result<(), StoreError> {
-        self.timed(Op::Delete, |s| s.delete_owned(keys, lease))
+    fn delete_if(&mut self, keys: &[(String, i64)]) -> Result<Vec<bool>, StoreError> {
+        self.timed(Op::Delete, |s| s.delete_if(keys))
     }
     fn rewrite_owned(
         &mut self,
@@ -511,5 +574,26 @@ mod tests {
             text.contains("skyapi_etcd_request_duration_seconds_bucket{op=\"put\",le=\"+Inf\"} 2")
         );
         assert!(text.contains("skyapi_etcd_request_duration_seconds_count{op=\"put\"} 2"));
+    }
+
+    #[test]
+    fn limits_are_counted_by_flag_and_settings_shown() {
+        let m = Metrics::default();
+        m.configured(500, std::time::Duration::from_secs(15));
+        m.limit_hit("--max-connections");
+        m.limit_hit("--max-connections");
+        m.limit_hit("--max-message-rate");
+        m.limit_hit("--something-new");
+        let text = m.render();
+        for line in [
+            "skyapi_connections_max 500",
+            "skyapi_timeout_seconds 15",
+            "skyapi_limit_hits_total{limit=\"max-connections\"} 2",
+            "skyapi_limit_hits_total{limit=\"max-message-rate\"} 1",
+            "skyapi_limit_hits_total{limit=\"max-head-size\"} 0",
+            "skyapi_limit_hits_total{limit=\"other\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
     }
 }

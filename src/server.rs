@@ -1,4 +1,4 @@
-//! The server: binds the listener, starts the etcd worker, hands each
+//! The server: opens the listeners, starts the etcd worker, hands each
 //! accepted connection to its own thread, and shuts everything down in order
 //! on SIGTERM or SIGINT.
 //!
@@ -25,24 +25,25 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
-use log::{debug, error, info, warn};
+use log::{error, info, warn};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use crate::auth::{self, Tokens};
 use crate::config::{Config, Limits};
 use crate::connection::{self, Live};
 use crate::etcd::EtcdStore;
-use crate::health::SharedHealth;
+use crate::health::{EtcdState, SharedHealth};
 use crate::http;
+use crate::listen::Listeners;
 use crate::metrics::{Metered, Metrics};
 use crate::provide::Layout;
+use crate::supervisor::{self, Supervisor};
 use crate::transport::Socket;
 use crate::worker::{self, ConnId, Stop, WorkerHandle};
 
@@ -51,8 +52,6 @@ use crate::worker::{self, ConnId, Stop, WorkerHandle};
 pub const CONN_STACK: usize = 128 * 1024;
 /// Each limit is logged at most this often.
 const LIMIT_LOG_EVERY: Duration = Duration::from_secs(10);
-/// Pending connections the kernel queues before accept().
-const LISTEN_BACKLOG: libc::c_int = 4096;
 /// How long the worker gets to revoke the lease at shutdown.
 const REVOKE_WAIT: Duration = Duration::from_secs(3);
 /// How long connection threads get to send their close frames.
@@ -61,8 +60,11 @@ const DRAIN_WAIT: Duration = Duration::from_millis(1500);
 /// are reconnecting): the worker gets this to write the deletes queued
 /// before the stop, and connections this to send their 1012 and hear the
 /// answer, so the process exits within a second.
+/// Past the drain, connections that have not sent their close yet (the
+/// host is overloaded) are dropped with the process: their clients see the
+/// connection end, which takes a registration up again just as 1012 does.
 const RESTART_WORKER_WAIT: Duration = Duration::from_millis(300);
-const RESTART_DRAIN_WAIT: Duration = Duration::from_millis(600);
+const RESTART_DRAIN_WAIT: Duration = Duration::from_millis(400);
 /// Interrupts connection threads at shutdown (see `Shared::threads`).
 const WAKE_SIGNAL: i32 = signal_hook::consts::SIGUSR2;
 /// Threads at most answering 503 under TLS beyond `--max-connections`.
@@ -141,6 +143,7 @@ impl Shared {
     /// limit (with the count since), so a flood of bad clients cannot flood
     /// the log too.
     pub fn limit_hit(&self, limit: &'static str, what: &str) {
+        self.metrics.limit_hit(limit);
         let mut log = self.limit_log.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         let entry = log.entry(limit).or_insert((now - LIMIT_LOG_EVERY, 0));
@@ -228,6 +231,36 @@ impl Shared {
         // every change is a single insert, remove or field store.
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// One line for systemd's `STATUS=`: connections, registrations and
+    /// etcd's state, with nothing that changes every second (it is sent
+    /// when it changes).
+    fn status(&self) -> String {
+        let (stored, waiting) = {
+            let live = self.live_registrations();
+            let stored = live.values().filter(|l| l.stored).count();
+            (stored, live.len() - stored)
+        };
+        let etcd = {
+            let h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+            match (h.state, &h.last_error) {
+                (EtcdState::Ok, _) => "etcd ok".to_string(),
+                (_, None) => "etcd not reached yet".to_string(),
+                (state, Some(e)) => {
+                    format!("etcd {} ({e}), {} keys queued", state.label(), h.pending)
+                }
+            }
+        };
+        format!(
+            "{} connections, {stored} registrations, {waiting} waiting for etcd; {etcd}",
+            self.open_connections()
+        )
+    }
+
+    /// When the etcd worker last turned its loop.
+    fn worker_beat(&self) -> Instant {
+        self.health.lock().unwrap_or_else(|p| p.into_inner()).beat
+    }
 }
 
 /// A connection thread's pthread handle (a pointer on musl, an integer on
@@ -292,23 +325,19 @@ pub fn run(config: Config) -> Result<(), String> {
     // never interrupts a connection's socket call halfway.
     mask_signals(libc::SIG_BLOCK);
 
-    let listener = bind(&config.listen)?;
-    // std binds with a backlog of 128: a fleet reconnecting at once after a
-    // restart would see SYN retries (a second each). Listening again on the
-    // bound socket raises it (the kernel caps it at net.core.somaxconn).
-    // SAFETY: listen(2) on the listener's own descriptor.
-    if unsafe { libc::listen(listener.as_raw_fd(), LISTEN_BACKLOG) } != 0 {
-        warn!(
-            "cannot raise the listen backlog: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    let local = listener
-        .local_addr()
-        .map_err(|e| format!("listener has no address: {e}"))?;
+    // Both read (and clear) systemd's variables: before any thread starts.
+    let supervisor = Supervisor::from_env();
+    let listeners = Listeners::open(&config.listen)?;
+    let local = listeners
+        .addrs()
+        .iter()
+        .map(SocketAddr::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    // Always bound by skyapi: sockets passed by systemd serve /provide.
     let admin_listener = match &config.admin_listen {
         Some(addrs) => Some(Arc::new(
-            bind(addrs).map_err(|e| format!("--admin-listen-addr: {e}"))?,
+            Listeners::bind(addrs).map_err(|e| format!("--admin-listen-addr: {e}"))?,
         )),
         None => None,
     };
@@ -316,6 +345,7 @@ pub fn run(config: Config) -> Result<(), String> {
     let store = EtcdStore::new(config.etcd.clone())
         .map_err(|e| format!("cannot start the etcd worker's runtime: {e}"))?;
     let metrics = Arc::new(Metrics::default());
+    metrics.configured(config.max_connections, config.timeout);
     let store = Metered {
         inner: store,
         metrics: metrics.clone(),
@@ -337,6 +367,14 @@ pub fn run(config: Config) -> Result<(), String> {
         }),
     )
     .map_err(|e| format!("cannot start the etcd worker: {e}"))?;
+    // The watcher's thread runs as long as the process; it ends on its own
+    // once the worker is gone.
+    crate::watch::spawn(
+        config.etcd.clone(),
+        config.layout.root_dir(),
+        worker.clone(),
+    )
+    .map_err(|e| format!("cannot start the etcd watch: {e}"))?;
 
     let shared = Arc::new(Shared {
         layout: config.layout.clone(),
@@ -361,22 +399,20 @@ pub fn run(config: Config) -> Result<(), String> {
         threads: Mutex::new(HashMap::new()),
     });
 
-    let listener = Arc::new(listener);
+    let listeners = Arc::new(listeners);
     let acceptor = {
         let shared = shared.clone();
-        let listener = listener.clone();
+        let listeners = listeners.clone();
         std::thread::Builder::new()
             .name("accept".into())
-            .spawn(move || accept_loop(&listener, &shared))
+            .spawn(move || accept_loop(&listeners, &shared))
             .map_err(|e| format!("cannot start the accept thread: {e}"))?
     };
     let admin = match &admin_listener {
         Some(l) => {
             let shared = shared.clone();
             let listener = l.clone();
-            let addr = l
-                .local_addr()
-                .map_err(|e| format!("admin listener has no address: {e}"))?;
+            let addr = l.addrs()[0];
             let thread = std::thread::Builder::new()
                 .name("admin-accept".into())
                 .spawn(move || crate::admin::accept_loop(&listener, &shared))
@@ -396,6 +432,16 @@ pub fn run(config: Config) -> Result<(), String> {
         config.etcd.endpoints.join(","),
         config.layout.root_name(),
         config.timeout.as_secs()
+    );
+    supervisor.ready(
+        {
+            let shared = shared.clone();
+            move || shared.status()
+        },
+        {
+            let shared = shared.clone();
+            move || shared.worker_beat()
+        },
     );
 
     mask_signals(libc::SIG_UNBLOCK);
@@ -428,18 +474,13 @@ pub fn run(config: Config) -> Result<(), String> {
         shared.open_connections()
     );
     shared.shutting_down.store(true, Ordering::SeqCst);
-    // Wakes the blocked accept(); on Linux it then fails with EINVAL.
-    // SAFETY: the fd belongs to `listener`, which is alive (we hold an Arc).
-    unsafe {
-        libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR);
-    }
+    supervisor.stopping();
+    // Not shutdown(2): a socket passed by systemd must keep listening.
+    listeners.wake();
     // The acceptor only ever logs; a panic there has been reported already.
     let _ = acceptor.join();
     if let Some((l, thread)) = admin {
-        // SAFETY: as above, for the admin listener.
-        unsafe {
-            libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR);
-        }
+        l.wake();
         // Same as the acceptor.
         let _ = thread.join();
     }
@@ -473,35 +514,23 @@ pub fn run(config: Config) -> Result<(), String> {
     Ok(())
 }
 
-fn bind(candidates: &[SocketAddr]) -> Result<TcpListener, String> {
-    let mut last = None;
-    for addr in candidates {
-        match TcpListener::bind(addr) {
-            Ok(l) => return Ok(l),
-            Err(e) => {
-                debug!("cannot bind {addr}: {e}");
-                last = Some((addr, e));
-            }
-        }
-    }
-    match last {
-        Some((addr, e)) => Err(format!("cannot listen on {addr}: {e}")),
-        None => Err("no address to listen on".into()),
-    }
-}
-
 /// The next accepted connection; `None` once shutting down. `accept()`
-/// errors are logged and retried, never fatal.
-pub fn accept(listener: &TcpListener, shared: &Shared) -> Option<(TcpStream, SocketAddr)> {
+/// errors are logged and retried, never fatal. `beat` is called on every
+/// turn, at least every `supervisor::BEAT_EVERY` while idle.
+pub fn accept(
+    listeners: &Listeners,
+    shared: &Shared,
+    beat: impl Fn(),
+) -> Option<(TcpStream, SocketAddr)> {
     loop {
-        match listener.accept() {
-            Ok(pair) => return (!shared.is_shutting_down()).then_some(pair),
+        beat();
+        match listeners.accept(supervisor::BEAT_EVERY) {
+            Ok(Some(pair)) => return (!shared.is_shutting_down()).then_some(pair),
+            Ok(None) if shared.is_shutting_down() => return None,
+            Ok(None) => {}
             Err(e) => {
                 if shared.is_shutting_down() {
                     return None;
-                }
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
                 }
                 // EMFILE and friends: the condition passes when connections
                 // close; spinning on it would only burn a core.
@@ -569,8 +598,8 @@ fn busy_tls(shared: &Arc<Shared>, stream: TcpStream, config: Arc<rustls::ServerC
     }
 }
 
-fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
-    while let Some((stream, peer)) = accept(listener, shared) {
+fn accept_loop(listeners: &Listeners, shared: &Arc<Shared>) {
+    while let Some((stream, peer)) = accept(listeners, shared, || supervisor::ACCEPT.beat()) {
         if shared.open.fetch_add(1, Ordering::SeqCst) >= shared.max_connections {
             shared.open.fetch_sub(1, Ordering::SeqCst);
             shared.limit_hit(
@@ -592,6 +621,7 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
             .name(format!("conn-{id}"))
             .stack_size(CONN_STACK)
             .spawn(move || {
+                lower_priority();
                 let shared = slot.shared.clone();
                 // SAFETY: pthread_self has no preconditions.
                 shared
@@ -610,6 +640,25 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
             error!("cannot start a thread for {peer}: {e}");
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+}
+
+/// How much lower a connection thread's CPU priority is than the rest.
+const CONN_NICE: libc::c_int = 5;
+
+/// Lowers the calling connection thread's CPU priority by `CONN_NICE`
+/// (Linux priorities are per thread), so the threads that keep the whole
+/// registrar going (accept, the etcd worker, signals and shutdown) are not
+/// starved when thousands of connection threads are runnable at once: a
+/// reconnect storm, or a stop that wakes every connection to send its
+/// close. Unprivileged: a thread may always lower its own priority.
+fn lower_priority() {
+    // SAFETY: gettid has no preconditions; setpriority on our own thread id.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        let now = libc::getpriority(libc::PRIO_PROCESS, tid);
+        // Best effort: a failure leaves the thread at the process's priority.
+        let _ = libc::setpriority(libc::PRIO_PROCESS, tid, (now + CONN_NICE).min(19));
     }
 }
 

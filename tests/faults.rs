@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | 1 | etcd briefly unavailable | `etcd_restart_keeps_clients_and_queues_registrations` (killed and restarted), `frozen_etcd_keeps_clients_and_queues_registrations` (SIGSTOP) |
 //! | 2 | lease lost | `revoked_lease_is_regranted_and_entries_put_again` (`etcdctl lease revoke`), `partition_outlasting_the_lease_regrants_and_puts_again` (expired behind a partition) |
-//! | 3 | entry removed or changed behind skyapi's back | `entry_deleted_or_changed_behind_skyapis_back_is_restored` |
+//! | 3 | entry removed or changed behind skyapi's back (seen through the watch) | `entry_deleted_or_changed_behind_skyapis_back_is_restored` |
 //! | 4 | etcd not reachable at start-up | `etcd_unreachable_at_startup_then_appears` |
 //! | 5 | a member of a cluster lost | `cluster_member_loss_loses_no_registration` (each member killed in turn), `cluster_member_frozen_loses_no_registration` (SIGSTOP) |
 //! | 6 | several skyapi instances | `client_moved_to_another_instance_keeps_its_entry`, `client_moved_while_its_old_instance_was_partitioned_keeps_its_entry` |
@@ -16,6 +16,7 @@
 //! | 10 | skyapi itself stalls beyond `--timeout` (issue 11) | `skyapi_stalled_beyond_timeout_keeps_every_client` |
 //! | 11 | etcd refuses writes: NOSPACE alarm (issue 11) | `etcd_refusing_writes_is_a_steady_503_until_a_write_succeeds` |
 //! | 12 | stale JWT auth tokens, a permission withdrawn (issue 11) | `stale_jwt_tokens_are_refreshed_not_fatal`, `permission_denied_is_waited_out_not_fatal` |
+//! | 13 | the watch (issue 10): broken while etcd compacts, a lease-less overwrite, churn, one value refused among a key's holders | `compaction_while_the_watch_was_broken_is_followed_by_a_full_check`, `an_entry_overwritten_without_a_lease_is_restored_and_deleted_on_close`, `a_deleted_entry_is_restored_under_churn`, `a_refused_value_fails_only_its_registration`; measurements: `fleet_cost_is_independent_of_fleet_size`, `waiting_connections_cpu` (ignored) |
 //!
 //! Every test asserts the exact etcd contents under `/skydns/` (keys, JSON
 //! values, and the lease where it matters) before, during and after its
@@ -504,8 +505,9 @@ fn long_partition_soak() {
 // ------------------------------------------- 3. entry removed behind our back
 
 /// An operator deletes a live entry, then overwrites another on skyapi's own
-/// lease: the reconcile (one range read per T/3) restores both within
-/// T/3 + 2 s (which is within T), values and lease unchanged.
+/// lease: the watch tells skyapi at once and it restores both within
+/// T/3 + 2 s (which is within T), values and lease unchanged, without
+/// reading the directory.
 #[test]
 fn entry_deleted_or_changed_behind_skyapis_back_is_restored() {
     let _w = watchdog(TEST_LIMIT);
@@ -547,15 +549,10 @@ fn entry_deleted_or_changed_behind_skyapis_back_is_restored() {
     .unwrap_or_else(|e| panic!("{e}"));
     wait_entries(&etcd, &want, t1, bound, "changed entry restored");
 
-    // One range read per period, whatever the number of entries.
+    // The watch told it: no range read, however many entries there are.
     let elapsed = begin.elapsed().as_secs_f64();
     let ranges = sky_metric(&sky, "skyapi_etcd_requests_total", &[("op", "range")]) - ranges_before;
-    let periods = elapsed / (T as f64 / 3.0);
-    assert!(
-        ranges >= 1.0 && ranges <= periods.floor() + 1.0,
-        "{ranges} range reads in {elapsed:.1} s ({periods:.1} reconcile periods, {} entries)",
-        list.len()
-    );
+    assert_eq!(ranges, 0.0, "{ranges} range reads in {elapsed:.1} s");
     fleet.assert_connected(&ids, "after the restores");
 }
 
@@ -1631,17 +1628,9 @@ fn etcd_refusing_writes_is_a_steady_503_until_a_write_succeeds() {
 
 // ----------------------------------------------- 12. stale auth tokens
 
-/// etcd with JWT auth tokens: every change to users or roles makes etcd
-/// refuse the tokens issued before it ("revision of auth store is old").
-/// skyapi logs in again and retries: registrations made right after each
-/// change are stored, none is refused, `/healthz` stays 200.
-#[test]
-fn stale_jwt_tokens_are_refreshed_not_fatal() {
-    let _w = watchdog(TEST_LIMIT);
-    let dir = TempDir::new("jwt");
-    let etcd = jwt_etcd(&dir);
-    let root = Some(JWT_ROOT);
-    let sky = Skyapi::server(
+/// skyapi logged in as the user `skyapi` (see `AUTH_SETUP`), `--timeout 6`.
+fn skyapi_as_user(etcd: &Etcd) -> Skyapi {
+    Skyapi::server(
         &[
             "--listen-addr",
             "127.0.0.1:0",
@@ -1653,7 +1642,20 @@ fn stale_jwt_tokens_are_refreshed_not_fatal() {
             "6",
         ],
         &[("SKYAPI_ETCD_PASSWORD", "pw")],
-    );
+    )
+}
+
+/// etcd with JWT auth tokens: every change to users or roles makes etcd
+/// refuse the tokens issued before it ("revision of auth store is old").
+/// skyapi logs in again and retries: registrations made right after each
+/// change are stored, none is refused, `/healthz` stays 200.
+#[test]
+fn stale_jwt_tokens_are_refreshed_not_fatal() {
+    let _w = watchdog(TEST_LIMIT);
+    let dir = TempDir::new("jwt");
+    let etcd = jwt_etcd(&dir);
+    let root = Some(JWT_ROOT);
+    let sky = skyapi_as_user(&etcd);
     let fleet = Fleet::new();
     let mut ids = vec![fleet.register("first", &sky.url(&query("first", 1000)))];
     for round in 1..=5u16 {
@@ -1713,19 +1715,7 @@ fn permission_denied_is_waited_out_not_fatal() {
     let dir = TempDir::new("perm");
     let etcd = jwt_etcd(&dir);
     let root = Some(JWT_ROOT);
-    let sky = Skyapi::server(
-        &[
-            "--listen-addr",
-            "127.0.0.1:0",
-            "--etcd-api",
-            &etcd.endpoint(),
-            "--etcd-user",
-            "skyapi",
-            "--timeout",
-            "6",
-        ],
-        &[("SKYAPI_ETCD_PASSWORD", "pw")],
-    );
+    let sky = skyapi_as_user(&etcd);
     let fleet = Fleet::new();
     let c_foo = fleet.register("foo", &sky.url(&query("foo", 9999)));
     let grant = [
@@ -1788,4 +1778,369 @@ fn permission_denied_is_waited_out_not_fatal() {
     let stored = etcd.get_prefix_with_lease_as(root, ROOT);
     assert!(stored.contains_key(&key("bar", 8888)), "{stored:#?}");
     fleet.assert_connected(&[c_foo, c_bar], "after the permission came back");
+}
+
+// ------------------------------------ 13. the change feed (issue 10)
+
+/// The current revision of `etcd` (from a read's header).
+fn revision(etcd: &Etcd) -> i64 {
+    let out = etcd
+        .etcdctl(&["get", "/", "-w", "json"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (header, _) = support::etcd::parse_get(&out);
+    header["header"]["revision"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("no revision in {out}"))
+}
+
+/// The watch breaks behind a partition; meanwhile an operator deletes a
+/// live entry and etcd compacts away the revisions the watch would resume
+/// from. Once the path heals the watch cannot resume, skyapi checks every
+/// key in one full read and restores the entry, within the lease.
+#[test]
+fn compaction_while_the_watch_was_broken_is_followed_by_a_full_check() {
+    let _w = watchdog(TEST_LIMIT);
+    // Long enough for the lease to outlive the partition: the watch's
+    // connection pings every 6 s (as etcd allows) and gives up 3 s later.
+    const T: u64 = 30;
+    let etcd = Etcd::start_new();
+    let proxy = TcpProxy::start(SocketAddr::from(([127, 0, 0, 1], etcd.client_port())));
+    let through = format!("http://{}", proxy.addr());
+    let sky = Skyapi::start(&etcd, &["--timeout", "30", "--etcd-api", &through]);
+    let fleet = Fleet::new();
+    let list = [("foo", 9999), ("bar", 8888)];
+    let ids: Vec<ClientId> = list
+        .iter()
+        .map(|&(s, p)| fleet.register(s, &sky.url(&query(s, p))))
+        .collect();
+    let lease = common_lease(&entries(&etcd, ROOT));
+    let want = on_lease(&list, T, lease);
+    assert_eq!(entries(&etcd, ROOT), want, "before");
+    let ranges_before = sky_metric(&sky, "skyapi_etcd_requests_total", &[("op", "range")]);
+
+    let cut = Instant::now();
+    proxy.partition();
+    within(
+        "skyapi sees its watch broken",
+        cut,
+        Duration::from_secs(12),
+        || {
+            let logs = sky.logs();
+            logs.iter()
+                .any(|l| l.contains("etcd watch broken"))
+                .then_some(())
+                .ok_or_else(|| logs.join("\n"))
+        },
+    );
+    etcd.del(&key("foo", 9999));
+    for i in 0..5 {
+        etcd.put(&format!("/elsewhere/{i}"), "x");
+    }
+    let compact_to = revision(&etcd);
+    etcd.etcdctl(&["compact", &compact_to.to_string()])
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let healed = Instant::now();
+    proxy.heal();
+    wait_entries(
+        &etcd,
+        &want,
+        healed,
+        Duration::from_secs(10),
+        "the entry deleted during the break restored",
+    );
+    assert!(
+        sky.logs().iter().any(|l| l.contains("compacted")),
+        "skyapi says why it reads everything: {:#?}",
+        sky.logs()
+    );
+    let ranges = sky_metric(&sky, "skyapi_etcd_requests_total", &[("op", "range")]) - ranges_before;
+    assert!(
+        ranges >= 1.0,
+        "one full read after the compaction, saw {ranges}"
+    );
+    fleet.assert_connected(&ids, "after the compaction");
+}
+
+/// A plain `etcdctl put` (no lease) over a live entry is not another
+/// instance's registration: skyapi puts its own back on its lease, and the
+/// close deletes it. Overwritten again just before a close, the close still
+/// deletes it, and skyapi logs what etcd did.
+#[test]
+fn an_entry_overwritten_without_a_lease_is_restored_and_deleted_on_close() {
+    let _w = watchdog(TEST_LIMIT);
+    const T: u64 = 6;
+    let etcd = Etcd::start_new();
+    let sky = Skyapi::start(&etcd, &["--timeout", "6"]);
+    let fleet = Fleet::new();
+    let list = [("foo", 9999), ("bar", 8888)];
+    let ids: Vec<ClientId> = list
+        .iter()
+        .map(|&(s, p)| fleet.register(s, &sky.url(&query(s, p))))
+        .collect();
+    let lease = common_lease(&entries(&etcd, ROOT));
+    let want = on_lease(&list, T, lease);
+    let bogus = json!({"host": "192.0.2.66", "port": 1, "priority": 1, "weight": 100, "ttl": T});
+
+    let t0 = Instant::now();
+    etcd.put(&key("foo", 9999), &bogus.to_string());
+    wait_entries(
+        &etcd,
+        &want,
+        t0,
+        Duration::from_secs(T / 3 + 2),
+        "restored on our lease",
+    );
+    let mut ws = fleet.take(ids[0]);
+    let closed = Instant::now();
+    close(&mut ws, Duration::from_secs(2));
+    within(
+        "foo deleted on close",
+        closed,
+        DELETE_WITHIN,
+        || match entries(&etcd, ROOT).get(&key("foo", 9999)) {
+            None => Ok(()),
+            Some(e) => Err(format!("{e:?}")),
+        },
+    );
+
+    // Overwritten and closed at once: whichever skyapi handles first, the
+    // key must go.
+    let mut ws = fleet.take(ids[1]);
+    etcd.put(&key("bar", 8888), &bogus.to_string());
+    let closed = Instant::now();
+    close(&mut ws, Duration::from_secs(2));
+    within(
+        "bar deleted on close",
+        closed,
+        DELETE_WITHIN,
+        || match entries(&etcd, ROOT).get(&key("bar", 8888)) {
+            None => Ok(()),
+            Some(e) => Err(format!("{e:?}")),
+        },
+    );
+    assert!(
+        !sky.logs().iter().any(|l| l.contains("was not deleted")),
+        "every delete deleted: {:#?}",
+        sky.logs()
+    );
+}
+
+/// Registrations come and go at a few hundred per second while an operator
+/// deletes a live entry: it is restored within T/3 + 2 s anyway.
+#[test]
+fn a_deleted_entry_is_restored_under_churn() {
+    let _w = watchdog(TEST_LIMIT);
+    const T: u64 = 6;
+    let etcd = Etcd::start_new();
+    let sky = Skyapi::start(&etcd, &["--timeout", "6"]);
+    let fleet = Fleet::new();
+    let live = fleet.register("live", &sky.url(&query("live", 9999)));
+    let lease = common_lease(&entries(&etcd, ROOT));
+    let want = on_lease(&[("live", 9999)], T, lease);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let churners: Vec<_> = (0..12u16)
+        .map(|t| {
+            let (stop, done) = (stop.clone(), done.clone());
+            let base = sky.url("");
+            std::thread::spawn(move || {
+                let mut i = 0u16;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let port = 10_000 + t * 1000 + i % 1000;
+                    let (mut ws, _) = connect(&format!("{base}{}", query("churn", port)));
+                    close(&mut ws, Duration::from_secs(5));
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let before = done.load(std::sync::atomic::Ordering::Relaxed);
+    let t0 = Instant::now();
+    etcd.del(&key("live", 9999));
+    within(
+        "the live entry restored under churn",
+        t0,
+        Duration::from_secs(T / 3 + 2),
+        || match entries(&etcd, ROOT).get(&key("live", 9999)) {
+            Some(got) if *got == want[&key("live", 9999)] => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let rate = (done.load(std::sync::atomic::Ordering::Relaxed) - before) as f64
+        / t0.elapsed().as_secs_f64();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for c in churners {
+        c.join().expect("a churn thread");
+    }
+    eprintln!("churn: {rate:.0} registrations/s");
+    assert!(rate >= 50.0, "the churn ran ({rate:.0}/s)");
+    fleet.assert_connected(&[live], "under churn");
+}
+
+/// etcd refuses one registration's value (larger than its request limit):
+/// only that registration fails; another connection holding the same key
+/// keeps it, and its close deletes it.
+#[test]
+fn a_refused_value_fails_only_its_registration() {
+    let _w = watchdog(TEST_LIMIT);
+    // The host makes every put of this key far larger than its delete; the
+    // limit lies between the two values' puts (measured with etcd 3.4: 267
+    // and 285 bytes).
+    let host = format!("{}.{}.example.com", "h".repeat(60), "h".repeat(30));
+    let etcd = Etcd::start_with(&["--max-request-bytes", "277"], None);
+    let sky = Skyapi::start(&etcd, &["--timeout", "6"]);
+    let fleet = Fleet::new();
+    let small = sky.url(&format!(
+        "/provide?service=foo&port=9999&host={host}&priority=0&weight=0&ttl=1"
+    ));
+    let large = sky.url(&format!(
+        "/provide?service=foo&port=9999&host={host}&priority=65535&weight=65535&ttl=2147483647"
+    ));
+    let k = format!(
+        "/skydns/local/skydns/services/foo/{}",
+        sha1_hex(&format!("fooservices{host}9999"))
+    );
+    let a = fleet.register("small", &small);
+    let held = entries(&etcd, ROOT);
+    assert_eq!(held.len(), 1, "{held:#?}");
+    assert_eq!(held[&k].0["priority"], 0);
+
+    let b = fleet.connect("large", &large);
+    within(
+        "the large one refused",
+        Instant::now(),
+        Duration::from_secs(5),
+        || {
+            let seen = fleet.seen(b);
+            match (&seen.end, seen.texts.first()) {
+                (Some(_), Some(t)) if t.starts_with("ERROR") => Ok(()),
+                _ => Err(format!("{seen:?}")),
+            }
+        },
+    );
+    assert_eq!(entries(&etcd, ROOT), held, "the small one keeps the key");
+    fleet.assert_connected(&[a], "after the other registration was refused");
+
+    let mut ws = fleet.take(a);
+    let closed = Instant::now();
+    close(&mut ws, Duration::from_secs(2));
+    within(
+        "deleted with its last holder",
+        closed,
+        DELETE_WITHIN,
+        || {
+            let got = entries(&etcd, ROOT);
+            got.is_empty()
+                .then_some(())
+                .ok_or_else(|| format!("{got:#?}"))
+        },
+    );
+}
+
+/// The cost figures of bench/NOTES-reconcile.md (issue 10): one idle
+/// instance with 1,000 connections beside 100,000 entries of other
+/// instances, as etcd's own /metrics count it; the two candidates for the
+/// reconcile; the cost of the others' churn reaching this instance through
+/// its watch; and skyapi's CPU while 2,000 connections wait for an
+/// unreachable etcd. Asserts the goal (≤ 1 KiB/s, ≤ 0.5 requests/s idle).
+/// `cargo test --release --test faults fleet_cost -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn fleet_cost_is_independent_of_fleet_size() {
+    let _w = watchdog(Duration::from_secs(600));
+    const OWN: usize = 1000;
+    const FOREIGN: usize = 100_000;
+    const IDLE: Duration = Duration::from_secs(30);
+    let dir = "/skydns/local/skydns/services/";
+    let etcd = Etcd::start_new();
+    let t = Instant::now();
+    fill_foreign(&etcd, dir, FOREIGN);
+    eprintln!("{FOREIGN} foreign entries put in {:?}", t.elapsed());
+    let sky = Skyapi::start(&etcd, &["--timeout", "30"]);
+    let fleet = Fleet::new();
+    for i in 0..OWN {
+        fleet.register("own", &sky.url(&query("own", 20_000 + i as u16)));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+
+    let before = EtcdLoad::read(&etcd);
+    let t0 = Instant::now();
+    std::thread::sleep(IDLE);
+    let idle = EtcdLoad::read(&etcd).rate_since(&before, t0.elapsed().as_secs_f64());
+    eprintln!(
+        "idle, {OWN} own connections, {FOREIGN} foreign entries: {:.0} B/s sent, {:.2} requests/s",
+        idle.0, idle.1
+    );
+
+    // The other candidate: LeaseTimeToLive with keys, once per TTL/3.
+    let lease = common_lease(&entries(&etcd, "/skydns/local/skydns/services/own/"));
+    let before = EtcdLoad::read(&etcd);
+    let out = etcd
+        .etcdctl(&["lease", "timetolive", "--keys", &format!("{lease:x}")])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ttl_keys = EtcdLoad::read(&etcd).sent_bytes - before.sent_bytes;
+    eprintln!(
+        "LeaseTimeToLive(keys) of {OWN} keys: {ttl_keys:.0} B per call ({} B of text), \
+         {:.0} B/s at one call per TTL/3 (10 s)",
+        out.len(),
+        ttl_keys / 10.0
+    );
+
+    // The others' churn, seen through this instance's watch: the same
+    // churn with and without skyapi running, the difference is its share.
+    let churn = |label: &str| {
+        let before = EtcdLoad::read(&etcd);
+        let t0 = Instant::now();
+        foreign_churn(&etcd, dir, 100, 10);
+        let rate = EtcdLoad::read(&etcd).rate_since(&before, t0.elapsed().as_secs_f64());
+        eprintln!("{label}: {:.0} B/s sent, {:.1} requests/s", rate.0, rate.1);
+        rate
+    };
+    let with =
+        churn("others' churn (100 registrations/s, each a put and a delete), skyapi watching");
+    drop(fleet);
+    drop(sky);
+    std::thread::sleep(Duration::from_secs(1));
+    let without = churn("the same churn, no skyapi");
+    eprintln!(
+        "per instance: 200 events/s, {:.0} B/s through its watch",
+        with.0 - without.0
+    );
+
+    assert!(idle.0 <= 1024.0, "idle: {:.0} B/s sent", idle.0);
+    assert!(idle.1 <= 0.5, "idle: {:.2} requests/s", idle.1);
+}
+
+/// skyapi's CPU while 2,000 connections wait for their entry with etcd
+/// unreachable (issue 10: they must not poll). Prints the figure for
+/// bench/NOTES-reconcile.md. `cargo test --release --test faults
+/// waiting_connections_cpu -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn waiting_connections_cpu() {
+    let _w = watchdog(Duration::from_secs(300));
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let nowhere = format!("http://{}", dead.local_addr().expect("addr"));
+    drop(dead);
+    let etcd = Etcd::start_new();
+    let sky = Skyapi::start(&etcd, &["--timeout", "30", "--etcd-api", &nowhere]);
+    let fleet = Fleet::new();
+    for i in 0..2000u16 {
+        fleet.connect("waiting", &sky.url(&query("wait", 20_000 + i)));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let c0 = cpu_seconds(sky.pid());
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(20));
+    let share = (cpu_seconds(sky.pid()) - c0) / t0.elapsed().as_secs_f64();
+    eprintln!(
+        "2000 connections waiting, etcd unreachable: {:.1} % of a core",
+        share * 100.0
+    );
+    assert!(share < 0.05, "{:.1} % of a core", share * 100.0);
 }

@@ -26,7 +26,7 @@ const TEST_LIMIT: Duration = Duration::from_secs(90);
 /// Where entries live with the default `--etcd-prefix` and `--dns-root`.
 const ROOT: &str = "/skydns/";
 /// etcd's root user in the auth test, for reading back.
-const ROOT_USER: &str = "root:rootpw";
+const ROOT_USER: &str = support::etcd::ROOT_USER;
 
 // --------------------------------------------------------------- helpers
 
@@ -161,8 +161,8 @@ fn pump(ws: &mut Ws, welcome: &mut Option<String>) {
 
 // ------------------------------------------------------ the exposition
 
-/// A parsed `/metrics` page: each series (`name{labels}` as written) and
-/// its value, and each family's type.
+/// A `/metrics` page that `promtool check metrics` accepted: each series
+/// (`name{labels}` as written) and its value, and each family's type.
 struct Exposition {
     samples: BTreeMap<String, f64>,
     types: BTreeMap<String, String>,
@@ -177,230 +177,38 @@ impl Exposition {
             .get(series)
             .unwrap_or_else(|| panic!("no series {series} in:\n{}", self.text))
     }
-}
 
-fn is_metric_name(s: &str) -> bool {
-    let mut chars = s.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_' || c == ':')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
-}
-
-/// Splits `{a="x",b="y"}` (the text inside the braces) into pairs, with
-/// the format's escapes (`\\`, `\"`, `\n`).
-fn parse_labels(inner: &str) -> Result<Vec<(String, String)>, String> {
-    let mut out = Vec::new();
-    let mut rest = inner;
-    while !rest.is_empty() {
-        let (name, after) = rest
-            .split_once("=\"")
-            .ok_or_else(|| format!("label without =\"value\": {rest:?}"))?;
-        if !is_metric_name(name) || name.contains(':') {
-            return Err(format!("bad label name {name:?}"));
-        }
-        let mut value = String::new();
-        let mut chars = after.char_indices();
-        let end = loop {
-            match chars.next() {
-                Some((i, '"')) => break i,
-                Some((_, '\\')) => match chars.next() {
-                    Some((_, 'n')) => value.push('\n'),
-                    Some((_, c @ ('\\' | '"'))) => value.push(c),
-                    other => return Err(format!("bad escape {other:?} in {inner:?}")),
-                },
-                Some((_, c)) => value.push(c),
-                None => return Err(format!("unterminated label value in {inner:?}")),
-            }
-        };
-        out.push((name.to_string(), value));
-        rest = &after[end + 1..];
-        rest = rest.strip_prefix(',').unwrap_or(rest);
-    }
-    Ok(out)
-}
-
-/// Parses and checks the text format 0.0.4 the way `promtool check metrics`
-/// does where a writer can go wrong: every sample belongs to a family with
-/// HELP and TYPE given before it, families are contiguous and not repeated,
-/// counters end in `_total`, values parse, no series repeats, and each
-/// histogram has cumulative buckets ending in `+Inf` equal to its `_count`,
-/// and a `_sum`.
-fn parse_exposition(text: &str) -> Result<Exposition, String> {
-    let mut types: BTreeMap<String, String> = BTreeMap::new();
-    let mut helps: BTreeMap<String, String> = BTreeMap::new();
-    let mut samples: BTreeMap<String, f64> = BTreeMap::new();
-    let mut finished: Vec<String> = Vec::new();
-    let mut current: Option<String> = None;
-    // histogram family -> labels without `le` -> [(le, count)], count, sum
-    type Hist = (Vec<(f64, f64)>, Option<f64>, Option<f64>);
-    let mut hists: BTreeMap<(String, String), Hist> = BTreeMap::new();
-    let mut enter = |family: &str, current: &mut Option<String>| -> Result<(), String> {
-        if current.as_deref() != Some(family) {
-            if finished.iter().any(|f| f == family) {
-                return Err(format!("family {family} appears in two places"));
-            }
-            if let Some(prev) = current.take() {
-                finished.push(prev);
-            }
-            *current = Some(family.to_string());
-        }
-        Ok(())
-    };
-    for line in text.lines() {
-        if line.is_empty() {
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix('#') {
-            let mut parts = rest.trim_start().splitn(3, ' ');
-            let keyword = parts.next().unwrap_or("");
-            let name = parts.next().unwrap_or("");
-            let arg = parts.next().unwrap_or("");
-            match keyword {
-                "HELP" | "TYPE" if !is_metric_name(name) => {
-                    return Err(format!("bad metric name in {line:?}"))
+    /// Reads a page promtool has checked: no validation of its own.
+    fn read(text: &str) -> Exposition {
+        let mut samples = BTreeMap::new();
+        let mut types = BTreeMap::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                if let Some((name, kind)) = rest.split_once(' ') {
+                    types.insert(name.to_string(), kind.to_string());
                 }
-                "HELP" => {
-                    if arg.trim().is_empty() {
-                        return Err(format!("empty HELP: {line:?}"));
-                    }
-                    enter(name, &mut current)?;
-                    if helps.insert(name.into(), arg.into()).is_some() {
-                        return Err(format!("second HELP for {name}"));
-                    }
+            } else if let Some((series, value)) = line.rsplit_once(' ') {
+                if !line.starts_with('#') {
+                    let value = match value {
+                        "+Inf" => f64::INFINITY,
+                        v => v
+                            .parse()
+                            .unwrap_or_else(|_| panic!("value of {line:?} does not parse")),
+                    };
+                    samples.insert(series.to_string(), value);
                 }
-                "TYPE" => {
-                    if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&arg) {
-                        return Err(format!("unknown type in {line:?}"));
-                    }
-                    if arg == "counter" && !name.ends_with("_total") {
-                        return Err(format!("counter {name} does not end in _total"));
-                    }
-                    enter(name, &mut current)?;
-                    if samples.keys().any(|s| family_of(s, &types) == name) {
-                        return Err(format!("TYPE of {name} after its samples"));
-                    }
-                    if types.insert(name.into(), arg.into()).is_some() {
-                        return Err(format!("second TYPE for {name}"));
-                    }
-                }
-                _ => {} // other comments are allowed
-            }
-            continue;
-        }
-        let (series, value) = line
-            .rsplit_once(' ')
-            .ok_or_else(|| format!("sample without value: {line:?}"))?;
-        let value: f64 = match value {
-            "+Inf" => f64::INFINITY,
-            "-Inf" => f64::NEG_INFINITY,
-            "NaN" => f64::NAN,
-            v => v
-                .parse()
-                .map_err(|_| format!("value {v:?} does not parse: {line:?}"))?,
-        };
-        let (name, labels) = match series.split_once('{') {
-            Some((n, rest)) => (
-                n,
-                parse_labels(
-                    rest.strip_suffix('}')
-                        .ok_or_else(|| format!("unclosed labels: {line:?}"))?,
-                )?,
-            ),
-            None => (series, Vec::new()),
-        };
-        if !is_metric_name(name) {
-            return Err(format!("bad metric name in {line:?}"));
-        }
-        let family = family_of(name, &types);
-        let kind = types
-            .get(&family)
-            .ok_or_else(|| format!("sample without a TYPE before it: {line:?}"))?;
-        if !helps.contains_key(&family) {
-            return Err(format!("family {family} has no HELP"));
-        }
-        enter(&family, &mut current)?;
-        if samples.insert(series.to_string(), value).is_some() {
-            return Err(format!("series repeated: {series}"));
-        }
-        if kind == "histogram" {
-            let rest: Vec<String> = labels
-                .iter()
-                .filter(|(k, _)| k != "le")
-                .map(|(k, v)| format!("{k}={v:?}"))
-                .collect();
-            let h =
-                hists
-                    .entry((family.clone(), rest.join(",")))
-                    .or_insert((Vec::new(), None, None));
-            if name.ends_with("_bucket") {
-                let le = labels
-                    .iter()
-                    .find(|(k, _)| k == "le")
-                    .ok_or_else(|| format!("bucket without le: {line:?}"))?;
-                let le: f64 = match le.1.as_str() {
-                    "+Inf" => f64::INFINITY,
-                    v => v.parse().map_err(|_| format!("bad le in {line:?}"))?,
-                };
-                h.0.push((le, value));
-            } else if name.ends_with("_count") {
-                h.1 = Some(value);
-            } else if name.ends_with("_sum") {
-                h.2 = Some(value);
-            } else {
-                return Err(format!(
-                    "histogram sample that is no bucket, sum or count: {line:?}"
-                ));
             }
         }
-    }
-    for ((family, labels), (buckets, count, sum)) in &hists {
-        let what = format!("histogram {family}{{{labels}}}");
-        if buckets
-            .windows(2)
-            .any(|w| w[1].0 <= w[0].0 || w[1].1 < w[0].1)
-        {
-            return Err(format!(
-                "{what}: buckets not increasing in le and cumulative: {buckets:?}"
-            ));
-        }
-        match buckets.last() {
-            Some((le, n)) if le.is_infinite() && Some(*n) == *count => {}
-            _ => {
-                return Err(format!(
-                    "{what}: last bucket must be +Inf and equal _count {count:?}: {buckets:?}"
-                ))
-            }
-        }
-        if sum.is_none() {
-            return Err(format!("{what}: no _sum"));
+        Exposition {
+            samples,
+            types,
+            text: text.to_string(),
         }
     }
-    for family in types.keys() {
-        if !helps.contains_key(family) {
-            return Err(format!("family {family} has no HELP"));
-        }
-    }
-    Ok(Exposition {
-        samples,
-        types,
-        text: text.to_string(),
-    })
 }
 
-/// The family a sample name belongs to: a histogram's `_bucket`, `_sum`
-/// and `_count` belong to the histogram.
-fn family_of(name: &str, types: &BTreeMap<String, String>) -> String {
-    let name = name.split('{').next().unwrap_or(name);
-    for suffix in ["_bucket", "_sum", "_count"] {
-        if let Some(base) = name.strip_suffix(suffix) {
-            if types.get(base).is_some_and(|k| k == "histogram") {
-                return base.to_string();
-            }
-        }
-    }
-    name.to_string()
-}
-
-/// GETs `/metrics`, checks the content type and the format, and parses it.
+/// GETs `/metrics`, checks the content type, has `promtool check metrics`
+/// check the format, and reads it.
 fn scrape(addr: SocketAddr) -> Exposition {
     let (code, head, body) = get(addr, "/metrics");
     assert_eq!(code, 200, "GET /metrics: {head}");
@@ -409,73 +217,8 @@ fn scrape(addr: SocketAddr) -> Exposition {
             .contains("content-type: text/plain; version=0.0.4"),
         "GET /metrics content type: {head}"
     );
-    parse_exposition(&body).unwrap_or_else(|e| panic!("/metrics is malformed: {e}\n{body}"))
-}
-
-/// `promtool check metrics` on the page, when promtool is installed (it is
-/// not required: the checks above stand on their own).
-fn promtool_check(text: &str) {
-    let Some(promtool) = ["/usr/bin/promtool", "/usr/local/bin/promtool"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-    else {
-        return;
-    };
-    use std::io::Write;
-    let mut child = std::process::Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run promtool");
-    child
-        .stdin
-        .take()
-        .expect("promtool stdin")
-        .write_all(text.as_bytes())
-        .expect("feed promtool");
-    let out = child.wait_with_output().expect("wait for promtool");
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {}\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-#[test]
-fn exposition_checker_rejects_what_promtool_rejects() {
-    let good = "# HELP a_total A.\n# TYPE a_total counter\na_total{x=\"1\"} 3\n\
-                # HELP h H.\n# TYPE h histogram\nh_bucket{le=\"0.1\"} 1\nh_bucket{le=\"+Inf\"} 2\n\
-                h_sum 0.3\nh_count 2\n";
-    let e = parse_exposition(good).expect("good exposition");
-    assert_eq!(e.get("a_total{x=\"1\"}"), 3.0);
-    assert_eq!(e.types["h"], "histogram");
-    for (why, bad) in [
-        ("counter without _total", "# HELP a A.\n# TYPE a counter\na 1\n"),
-        ("no TYPE", "# HELP a A.\na 1\n"),
-        ("no HELP", "# TYPE a gauge\na 1\n"),
-        ("bad value", "# HELP a A.\n# TYPE a gauge\na one\n"),
-        ("repeated series", "# HELP a A.\n# TYPE a gauge\na 1\na 2\n"),
-        (
-            "split family",
-            "# HELP a A.\n# TYPE a gauge\na{x=\"1\"} 1\n# HELP b B.\n# TYPE b gauge\nb 1\na{x=\"2\"} 1\n",
-        ),
-        (
-            "+Inf bucket differs from count",
-            "# HELP h H.\n# TYPE h histogram\nh_bucket{le=\"+Inf\"} 2\nh_sum 1\nh_count 3\n",
-        ),
-        (
-            "buckets not cumulative",
-            "# HELP h H.\n# TYPE h histogram\nh_bucket{le=\"1\"} 2\nh_bucket{le=\"2\"} 1\n\
-             h_bucket{le=\"+Inf\"} 2\nh_sum 1\nh_count 2\n",
-        ),
-        ("unterminated label", "# HELP a A.\n# TYPE a gauge\na{x=\"1} 1\n"),
-    ] {
-        assert!(parse_exposition(bad).is_err(), "accepted: {why}");
-    }
+    promtool::check_metrics(&body);
+    Exposition::read(&body)
 }
 
 // --------------------------------------------------------------- /healthz
@@ -600,7 +343,6 @@ fn metrics_are_well_formed_and_count_a_registration_lifecycle() {
         let m = scrape(addr);
         (m.get("skyapi_etcd_up") == 1.0).then_some(m)
     });
-    promtool_check(&m.text);
     assert_eq!(
         m.get(&format!(
             "skyapi_build_info{{version=\"{}\"}}",
@@ -616,6 +358,9 @@ fn metrics_are_well_formed_and_count_a_registration_lifecycle() {
         ("skyapi_etcd_request_duration_seconds", "histogram"),
         ("skyapi_etcd_lease_regrants_total", "counter"),
         ("skyapi_worker_queue_depth", "gauge"),
+        ("skyapi_connections_max", "gauge"),
+        ("skyapi_timeout_seconds", "gauge"),
+        ("skyapi_limit_hits_total", "counter"),
     ] {
         assert_eq!(
             m.types.get(family).map(String::as_str),
@@ -624,6 +369,8 @@ fn metrics_are_well_formed_and_count_a_registration_lifecycle() {
         );
     }
     assert_eq!(m.get("skyapi_connections_open"), 0.0);
+    assert_eq!(m.get("skyapi_connections_max"), 10000.0);
+    assert_eq!(m.get("skyapi_timeout_seconds"), 30.0);
     assert_eq!(m.get("skyapi_registrations_total{outcome=\"stored\"}"), 0.0);
     assert!(m.get("skyapi_etcd_requests_total{op=\"grant\",outcome=\"ok\"}") >= 1.0);
 
@@ -672,7 +419,6 @@ fn metrics_are_well_formed_and_count_a_registration_lifecycle() {
         0.0
     );
     assert_eq!(m.get("skyapi_etcd_lease_regrants_total"), 0.0);
-    promtool_check(&m.text);
 }
 
 // -------------------------------------------------------------- /services
@@ -1163,10 +909,11 @@ fn sidecar_fails_over_between_servers() {
         &key,
         true,
     );
-    assert_eq!(
-        side.lines_with(&format!("at {second_url}")).len(),
-        1,
-        "registered at the second server"
+    // The welcome (and so the log line) follows the put that made the key.
+    eventually(
+        "the sidecar logs its registration at the second server",
+        Duration::from_secs(5),
+        || (side.lines_with(&format!("at {second_url}")).len() == 1).then_some(()),
     );
     assert_eq!(services(second.addr(), "?service=foo").len(), 1);
 
@@ -1504,21 +1251,7 @@ fn etcd_auth_survives_token_expiry_and_a_wrong_password_is_unhealthy() {
         "--log-level",
         "info",
     ]);
-    for args in [
-        &["user", "add", ROOT_USER][..],
-        &["user", "add", "skyapi:pw"],
-        &["role", "add", "skydns-rw"],
-        &[
-            "role",
-            "grant-permission",
-            "skydns-rw",
-            "readwrite",
-            "/skydns/",
-            "--prefix=true",
-        ],
-        &["user", "grant-role", "skyapi", "skydns-rw"],
-        &["auth", "enable"],
-    ] {
+    for args in support::etcd::AUTH_SETUP {
         node.must(None, args);
     }
     assert!(
@@ -1527,8 +1260,9 @@ fn etcd_auth_survives_token_expiry_and_a_wrong_password_is_unhealthy() {
     );
     let root = Some(ROOT_USER);
 
-    // --timeout 6: keepalive and reconcile every 2 s, each past the token's
-    // 1 s lifetime.
+    // --timeout 6: keepalive every 2 s, past the token's 1 s lifetime (it
+    // rides on a stream opened once; the second registration below is the
+    // first request after the token expired).
     let sky = Proc::server(
         &[
             "--listen-addr",
@@ -1558,19 +1292,6 @@ fn etcd_auth_survives_token_expiry_and_a_wrong_password_is_unhealthy() {
         .unwrap_or_else(|| panic!("{first_key} not in {got:?}"))
         .clone();
 
-    // etcd deletes skyapi's token, and skyapi presents it again later:
-    // proof that the expiry really happens under skyapi's feet.
-    eventually(
-        "etcd refuses an expired token of skyapi's",
-        Duration::from_secs(15),
-        || {
-            let log = node.log();
-            (log.contains("deleted a simple token")
-                && log.contains("\"user-name\":\"skyapi\"")
-                && log.contains("invalid auth token"))
-            .then_some(())
-        },
-    );
     // Past the lease TTL (6 s) with tokens expiring all along: healthy, and
     // the first entry kept alive on its original lease.
     holds_every(
@@ -1599,6 +1320,19 @@ fn etcd_auth_survives_token_expiry_and_a_wrong_password_is_unhealthy() {
     let (mut second, welcome) = register(&sky.url("/provide?service=bar&port=8080&host=127.0.0.1"));
     let second_key = local_key("bar", 8080);
     assert_eq!(welcome["key"], second_key.as_str());
+    // etcd deleted skyapi's token, and skyapi presented it again for this
+    // put: proof that the expiry really happened under skyapi's feet.
+    eventually(
+        "etcd refuses an expired token of skyapi's",
+        Duration::from_secs(15),
+        || {
+            let log = node.log();
+            (log.contains("deleted a simple token")
+                && log.contains("\"user-name\":\"skyapi\"")
+                && log.contains("invalid auth token"))
+            .then_some(())
+        },
+    );
     let got = node.get_prefix(root, ROOT);
     assert!(
         got.contains_key(&first_key) && got.contains_key(&second_key),

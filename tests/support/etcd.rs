@@ -23,6 +23,28 @@ use super::{free_port, poll_until, spawn_tied, unique_name};
 pub const ETCD: &str = "/usr/bin/etcd";
 pub const ETCDCTL: &str = "/usr/bin/etcdctl";
 
+/// etcd's `root` user, as `etcdctl --user` takes it.
+pub const ROOT_USER: &str = "root:rootpw";
+
+/// The etcdctl commands that turn auth on the way an operator would for
+/// skyapi: a `root` user ([`ROOT_USER`]) and a user `skyapi` (password
+/// `pw`) that may read and write `/skydns/` and nothing else.
+pub const AUTH_SETUP: &[&[&str]] = &[
+    &["user", "add", ROOT_USER],
+    &["user", "add", "skyapi:pw"],
+    &["role", "add", "skydns-rw"],
+    &[
+        "role",
+        "grant-permission",
+        "skydns-rw",
+        "readwrite",
+        "/skydns/",
+        "--prefix=true",
+    ],
+    &["user", "grant-role", "skyapi", "skydns-rw"],
+    &["auth", "enable"],
+];
+
 /// How long a fresh or restarted member may take to answer `endpoint health`.
 const READY_WITHIN: Duration = Duration::from_secs(20);
 /// Attempts at a fresh member: a failure is almost always a port that another

@@ -667,7 +667,7 @@ pub fn clear_quota(etcd: &Etcd) {
 }
 
 /// The root user's credentials on [`jwt_etcd`].
-pub const JWT_ROOT: &str = "root:rootpw";
+pub const JWT_ROOT: &str = super::etcd::ROOT_USER;
 
 /// A member issuing RS256 JWT auth tokens (keys made with openssl in
 /// `dir`), auth enabled, with user `skyapi` (password `pw`) allowed to
@@ -686,22 +686,117 @@ pub fn jwt_etcd(dir: &TempDir) -> Etcd {
         dir.path("jwt.key").display()
     );
     let etcd = Etcd::start_with(&["--auth-token", &token], None);
-    for args in [
-        &["user", "add", JWT_ROOT][..],
-        &["user", "add", "skyapi:pw"],
-        &["role", "add", "skydns-rw"],
-        &[
-            "role",
-            "grant-permission",
-            "skydns-rw",
-            "readwrite",
-            "/skydns/",
-            "--prefix=true",
-        ],
-        &["user", "grant-role", "skyapi", "skydns-rw"],
-        &["auth", "enable"],
-    ] {
+    for args in super::etcd::AUTH_SETUP {
         etcd.must_as(None, args);
     }
     etcd
+}
+
+/// Puts `n` entries of "other instances" under `dir` (on one long lease of
+/// their own, as another skyapi would), in full transactions; returns the
+/// lease.
+pub fn fill_foreign(etcd: &Etcd, dir: &str, n: usize) -> i64 {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime for the etcd client");
+    rt.block_on(async {
+        let mut c = etcd_client::Client::connect([etcd.endpoint()], None)
+            .await
+            .expect("connect to etcd");
+        let lease = c.lease_grant(3600, None).await.expect("lease").id();
+        let value = r#"{"host":"198.51.100.7","port":8080,"priority":1,"weight":100,"ttl":30}"#;
+        for chunk in (0..n).collect::<Vec<_>>().chunks(128) {
+            let ops: Vec<etcd_client::TxnOp> = chunk
+                .iter()
+                .map(|i| {
+                    etcd_client::TxnOp::put(
+                        format!("{dir}other/{:040x}", i),
+                        value,
+                        Some(etcd_client::PutOptions::new().with_lease(lease)),
+                    )
+                })
+                .collect();
+            c.txn(etcd_client::Txn::new().and_then(ops))
+                .await
+                .expect("put foreign entries");
+        }
+        lease
+    })
+}
+
+/// Another instance's churn: `per_sec` registrations and removals a second
+/// (each a put then a delete of its own key) under `dir`, for `secs`.
+pub fn foreign_churn(etcd: &Etcd, dir: &str, per_sec: u32, secs: u32) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime for the etcd client");
+    rt.block_on(async {
+        let mut c = etcd_client::Client::connect([etcd.endpoint()], None)
+            .await
+            .expect("connect to etcd");
+        let lease = c.lease_grant(3600, None).await.expect("lease").id();
+        let value = r#"{"host":"198.51.100.9","port":8080,"priority":1,"weight":100,"ttl":30}"#;
+        let step = Duration::from_secs(1) / per_sec;
+        let start = Instant::now();
+        for i in 0..per_sec * secs {
+            let key = format!("{dir}churn/{:040x}", i);
+            c.put(
+                key.as_str(),
+                value,
+                Some(etcd_client::PutOptions::new().with_lease(lease)),
+            )
+            .await
+            .expect("churn put");
+            c.delete(key.as_str(), None).await.expect("churn delete");
+            let next = start + step * (i + 1);
+            tokio::time::sleep(next.saturating_duration_since(Instant::now())).await;
+        }
+    })
+}
+
+/// etcd's own counters of what it serves: bytes sent to clients, unary
+/// requests handled, and messages received on streams (each keepalive, each
+/// watch request).
+#[derive(Debug, Clone, Copy)]
+pub struct EtcdLoad {
+    pub sent_bytes: f64,
+    pub requests: f64,
+    pub stream_msgs: f64,
+}
+
+impl EtcdLoad {
+    pub fn read(etcd: &Etcd) -> EtcdLoad {
+        EtcdLoad {
+            sent_bytes: etcd_metric(etcd, "etcd_network_client_grpc_sent_bytes_total", &[]),
+            requests: etcd_metric(etcd, "grpc_server_handled_total", &[("grpc_type", "unary")]),
+            stream_msgs: etcd_metric(
+                etcd,
+                "grpc_server_msg_received_total",
+                &[("grpc_type", "bidi_stream")],
+            ),
+        }
+    }
+
+    /// Per second from `earlier` to `self`, `secs` apart: (bytes sent,
+    /// requests including stream messages).
+    pub fn rate_since(&self, earlier: &EtcdLoad, secs: f64) -> (f64, f64) {
+        (
+            (self.sent_bytes - earlier.sent_bytes) / secs,
+            (self.requests - earlier.requests + self.stream_msgs - earlier.stream_msgs) / secs,
+        )
+    }
+}
+
+/// CPU seconds (user + system) process `pid` has used.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
+    // Fields after the command name (which is in parentheses).
+    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 here.
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }

@@ -18,12 +18,14 @@
 // different subset of it; unused helpers and re-exports are expected.
 #![allow(dead_code, unused_imports)]
 
+pub mod chaos;
 pub mod client;
 pub mod etcd;
 pub mod faults;
 pub mod hostile;
 pub mod operate;
 pub mod pki;
+pub mod promtool;
 pub mod skyapi;
 
 pub use client::*;

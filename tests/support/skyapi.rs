@@ -88,6 +88,25 @@ impl Skyapi {
     pub fn spawn(kind: &str, args: &[String], env: &[(&str, &str)]) -> Skyapi {
         let mut cmd = Command::new(BIN);
         cmd.args(args);
+        let name = if env.is_empty() {
+            format!("{kind} {args:?}")
+        } else {
+            format!("{kind} {args:?} env {env:?}")
+        };
+        Skyapi::spawn_command(kind, &name, cmd, env, None)
+    }
+
+    /// Runs `cmd` (the binary, or a program that execs it, such as
+    /// `systemd-socket-activate`) hermetically as [`spawn`](Self::spawn)
+    /// does. With `stderr`, the child writes its stderr to that pipe (the
+    /// test made it, to know its inode) and the log is read from `reader`.
+    pub fn spawn_command(
+        kind: &str,
+        name: &str,
+        mut cmd: Command,
+        env: &[(&str, &str)],
+        stderr: Option<(Stdio, fs::File)>,
+    ) -> Skyapi {
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("SKYAPI_") {
                 cmd.env_remove(key);
@@ -96,21 +115,27 @@ impl Skyapi {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        let (child_stderr, reader) = match stderr {
+            Some((writer, reader)) => (writer, Some(reader)),
+            None => (Stdio::piped(), None),
+        };
         cmd.env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = spawn_tied(cmd).unwrap_or_else(|e| panic!("spawn {BIN}: {e}"));
+            .stderr(child_stderr);
+        let mut child = spawn_tied(cmd).unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         let logs: Logs = Arc::default();
-        let readers = vec![
-            collect_lines(child.stdout.take().unwrap(), "[stdout] ", logs.clone()),
-            collect_lines(child.stderr.take().unwrap(), "", logs.clone()),
-        ];
-        let name = if env.is_empty() {
-            format!("{kind} {args:?}")
-        } else {
-            format!("{kind} {args:?} env {env:?}")
-        };
+        let mut readers = vec![collect_lines(
+            child.stdout.take().unwrap(),
+            "[stdout] ",
+            logs.clone(),
+        )];
+        match (child.stderr.take(), reader) {
+            (Some(pipe), _) => readers.push(collect_lines(pipe, "", logs.clone())),
+            (None, Some(file)) => readers.push(collect_lines(file, "", logs.clone())),
+            (None, None) => {}
+        }
+        let name = name.to_string();
         Skyapi {
             kind: kind.to_string(),
             name,
@@ -149,12 +174,18 @@ impl Skyapi {
     /// (with the log) if it exits first, e.g. because its fixed port is
     /// taken.
     pub fn try_server(args: &[String], env: &[(&str, &str)]) -> Result<Skyapi, String> {
-        let mut p = Skyapi::spawn("skyapi", args, env);
+        Skyapi::spawn("skyapi", args, env).wait_listening()
+    }
+
+    /// Waits for a spawned server's `listening on ADDR`; `Err` (with the
+    /// log) if it exits first.
+    pub fn wait_listening(mut self) -> Result<Skyapi, String> {
+        let p = &mut self;
         let deadline = Instant::now() + READY_WITHIN;
         loop {
             if let Some(addr) = p.logs().iter().find_map(|l| parse_listening(l)) {
                 p.addr = Some(addr);
-                return Ok(p);
+                return Ok(self);
             }
             if let Some(status) = p.try_status() {
                 p.join_readers();
