@@ -175,6 +175,10 @@ def start_skyapi(binary, etcd_url, timeout, max_conn):
     raise RuntimeError("skyapi would not start")
 
 
+# Seconds after a skyapi start before a scenario begins (see above).
+STARTUP_SETTLE = 6
+
+
 def stop_pid(pid, wait=5.0):
     """SIGTERM to a process that is not our child (the restart scenario's
     restarted skyapi), then SIGKILL if it is still there after `wait`."""
@@ -489,7 +493,11 @@ def main():
             sky, addr = start_skyapi(binary, etcd_url, args.timeout, 2 * n)
             procs.append(sky)
             results["commands"]["skyapi" if build == "musl" else "skyapi (glibc)"] = shlex.join(sky.argv)
-            time.sleep(1)
+            # Past skyapi's start-up gathering (worker.rs STARTUP_GATHER, 5 s:
+            # a restart's returning registrations are written in windows of
+            # up to 200 ms, a lone one after 25 ms), so every scenario sees
+            # the steady state; the restart scenarios measure the gathering.
+            time.sleep(STARTUP_SETTLE)
             fresh = proc_sample(sky.pid)
             log(f"{name} ({build}): skyapi {addr} (pid {sky.pid}) fresh: {fresh}")
             common = ["--skyapi", addr, "--etcd", etcd_url]
