@@ -474,6 +474,8 @@ fn hold<T: Transport>(
     acked: &mut bool,
 ) -> Removal {
     let timeout = shared.timeout;
+    // Until the entry is stored; dropped (with its eventfd) once it is.
+    let mut ack = Some(ack);
     let mut liveness = Liveness::new(timeout, Instant::now());
     let mut first_wait = true;
     let rate = shared.limits.message_rate;
@@ -495,9 +497,13 @@ fn hold<T: Transport>(
             close(ws, CloseCode::Policy, "token revoked", None, true);
             return Removal::Revoked;
         }
-        if !*acked {
-            match ack.try_recv() {
+        if let Some(rx) = &ack {
+            match rx.try_recv() {
                 Ok(Ok(())) => {
+                    // Its eventfd goes with it: a held connection costs one
+                    // descriptor, not two (10,000 would hit the usual hard
+                    // limit of 20,000 and make accept() fail).
+                    ack = None;
                     *acked = true;
                     registered.stored();
                     shared.metrics.registration(metrics::Registration::Stored);
@@ -593,7 +599,10 @@ fn hold<T: Transport>(
             } else {
                 (ws.get_mut().socket().tcp().as_raw_fd(), wake)
             };
-            let woken = ack.wait(fd, wake);
+            let woken = match &ack {
+                Some(rx) => rx.wait(fd, wake),
+                None => Woken::Answer,
+            };
             let woke = Instant::now();
             if liveness.woke(wake, woke).is_some() {
                 shared.metrics.stalls.record(wake, woke, who);

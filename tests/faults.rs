@@ -1718,14 +1718,7 @@ fn permission_denied_is_waited_out_not_fatal() {
     let sky = skyapi_as_user(&etcd);
     let fleet = Fleet::new();
     let c_foo = fleet.register("foo", &sky.url(&query("foo", 9999)));
-    let grant = [
-        "role",
-        "grant-permission",
-        "skydns-rw",
-        "readwrite",
-        "/skydns/",
-        "--prefix=true",
-    ];
+    let grant = support::etcd::SKYDNS_GRANT;
     etcd.must_as(
         root,
         &[
@@ -1762,7 +1755,7 @@ fn permission_denied_is_waited_out_not_fatal() {
         1.0
     );
 
-    etcd.must_as(root, &grant);
+    etcd.must_as(root, grant);
     let granted = Instant::now();
     // The worker backs off to at most 2 s between refused attempts.
     let bound = Duration::from_secs(2) + BACK_WITHIN;

@@ -33,16 +33,19 @@ pub const AUTH_SETUP: &[&[&str]] = &[
     &["user", "add", ROOT_USER],
     &["user", "add", "skyapi:pw"],
     &["role", "add", "skydns-rw"],
-    &[
-        "role",
-        "grant-permission",
-        "skydns-rw",
-        "readwrite",
-        "/skydns/",
-        "--prefix=true",
-    ],
+    SKYDNS_GRANT,
     &["user", "grant-role", "skyapi", "skydns-rw"],
     &["auth", "enable"],
+];
+
+/// The role `skydns-rw`'s one permission: read and write `/skydns/`.
+pub const SKYDNS_GRANT: &[&str] = &[
+    "role",
+    "grant-permission",
+    "skydns-rw",
+    "readwrite",
+    "/skydns/",
+    "--prefix=true",
 ];
 
 /// How long a fresh or restarted member may take to answer `endpoint health`.
@@ -358,6 +361,21 @@ impl Etcd {
         exited
     }
 
+    /// `etcdctl` (API v3) aimed at this member, without the TLS options.
+    /// Hermetic: ETCDCTL_* in the developer's shell (endpoints, TLS,
+    /// credentials) must not redirect or change these calls.
+    fn etcdctl_command(&self) -> Command {
+        let mut cmd = Command::new(ETCDCTL);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("ETCDCTL_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoint()));
+        cmd
+    }
+
     /// Runs `etcdctl` (API v3) against this member; stdout on success.
     pub fn etcdctl(&self, args: &[&str]) -> Result<String, String> {
         self.etcdctl_as(None, args)
@@ -366,17 +384,8 @@ impl Etcd {
     /// [`etcdctl`](Self::etcdctl) as `user` (`NAME:PASS`) if given; with
     /// the client certificate if the member serves TLS.
     pub fn etcdctl_as(&self, user: Option<&str>, args: &[&str]) -> Result<String, String> {
-        let mut cmd = Command::new(ETCDCTL);
-        // Hermetic: ETCDCTL_* in the developer's shell (endpoints, TLS,
-        // credentials) must not redirect or change these calls.
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("ETCDCTL_") {
-                cmd.env_remove(key);
-            }
-        }
-        cmd.env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", self.endpoint()))
-            .args(["--dial-timeout=2s", "--command-timeout=3s"]);
+        let mut cmd = self.etcdctl_command();
+        cmd.args(["--dial-timeout=2s", "--command-timeout=3s"]);
         if let Some(t) = &self.tls {
             cmd.arg(format!("--cacert={}", t.ca))
                 .arg(format!("--cert={}", t.client_cert))
@@ -605,15 +614,8 @@ impl Etcd {
     /// key is deleted again, and both events are left out).
     pub fn watch(&self, prefix: &str) -> Watch {
         use std::io::BufRead;
-        let mut cmd = Command::new(ETCDCTL);
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("ETCDCTL_") {
-                cmd.env_remove(key);
-            }
-        }
-        cmd.env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", self.endpoint()))
-            .args(["watch", "--prefix", prefix])
+        let mut cmd = self.etcdctl_command();
+        cmd.args(["watch", "--prefix", prefix])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
