@@ -12,7 +12,9 @@
 //! Invariants: the value is in the channel before the eventfd is written,
 //! and the eventfd stays readable until drained, so a wake-up can never be
 //! lost between a look at the channel and the wait; the eventfd is closed
-//! only when both ends are gone (it is shared by `Arc`). Without an eventfd
+//! only when both ends are gone (it is shared by `Arc`): the connection
+//! drops its end once answered, so a held connection costs one descriptor,
+//! its socket. Without an eventfd
 //! (the process is out of descriptors) the wait falls back to short
 //! timeouts.
 
