@@ -2035,7 +2035,7 @@ fn a_refused_value_fails_only_its_registration() {
     );
 }
 
-/// The cost figures of bench/NOTES-reconcile.md (issue 10): one idle
+/// The cost figures of BENCHMARKS.md, "The reconcile" (issue 10): one idle
 /// instance with 1,000 connections beside 100,000 entries of other
 /// instances, as etcd's own /metrics count it; the two candidates for the
 /// reconcile; the cost of the others' churn reaching this instance through
@@ -2111,7 +2111,7 @@ fn fleet_cost_is_independent_of_fleet_size() {
 
 /// skyapi's CPU while 2,000 connections wait for their entry with etcd
 /// unreachable (issue 10: they must not poll). Prints the figure for
-/// bench/NOTES-reconcile.md. `cargo test --release --test faults
+/// BENCHMARKS.md ("The reconcile"). `cargo test --release --test faults
 /// waiting_connections_cpu -- --ignored --nocapture`.
 #[test]
 #[ignore]
