@@ -10,7 +10,7 @@ LISTEN ?= :8053
 RUN_DIR := target/run
 APT_PKGS := etcd-server etcd-client protobuf-compiler
 
-.PHONY: all deps build release run test lint check clean-run static deb fuzz soak bench chaos
+.PHONY: all deps build release run test test-static lint check clean-run static deb fuzz soak bench chaos
 
 all: build
 
@@ -81,6 +81,11 @@ test: deps
 	set -o pipefail; SKYAPI_CHAOS_SEED=$${SKYAPI_CHAOS_SEED:-$(CHAOS_TEST_SEED)} \
 	  $(CARGO) test --all-targets --no-fail-fast 2>&1 | tee target/test.log
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "tests: %d passed, %d failed\n", p, f }' target/test.log
+
+# The suites that start skyapi, run against the shipped static binary
+# instead of the debug build (SKYAPI_TEST_BIN).
+test-static: static
+	SKYAPI_TEST_BIN=$(CURDIR)/$(STATIC_BIN) $(CARGO) test --test registrar --test continuity --test faults --test operate --test hostile
 
 lint: deps
 	$(CARGO) fmt --check

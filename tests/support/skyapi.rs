@@ -22,6 +22,14 @@ use super::{free_port, poll_until, spawn_tied, Etcd};
 /// The binary under test, built by cargo for this test run.
 pub const BIN: &str = env!("CARGO_BIN_EXE_skyapi");
 
+/// The binary the suites start: [`BIN`], or the one `SKYAPI_TEST_BIN`
+/// names, so the same suites run against the shipped static build (`make
+/// test-static`).
+pub fn bin() -> &'static str {
+    static CHOSEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    CHOSEN.get_or_init(|| std::env::var("SKYAPI_TEST_BIN").unwrap_or_else(|_| BIN.to_string()))
+}
+
 /// How long start-up may take before `listening on` must have been logged.
 const READY_WITHIN: Duration = Duration::from_secs(10);
 
@@ -86,7 +94,7 @@ impl Skyapi {
     /// value set in the developer's shell must not change what a test runs).
     /// `kind` (`skyapi`, `sidecar`) names it in messages.
     pub fn spawn(kind: &str, args: &[String], env: &[(&str, &str)]) -> Skyapi {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(bin());
         cmd.args(args);
         let name = if env.is_empty() {
             format!("{kind} {args:?}")
