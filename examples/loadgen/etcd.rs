@@ -34,6 +34,22 @@ pub async fn connect(endpoint: &str) -> Result<Client, String> {
         .map_err(|e| format!("etcd {endpoint}: {e}"))
 }
 
+/// A client and the prefix of `service`, which must hold no key yet (a
+/// scenario's leftovers would skew its counts); `what` names the scenario.
+pub async fn empty_service(
+    endpoint: &str,
+    key_dir: &str,
+    service: &str,
+    what: &str,
+) -> Result<(Client, String), String> {
+    let client = connect(endpoint).await?;
+    let prefix = service_prefix(key_dir, service);
+    if count(&client, &prefix).await? != 0 {
+        return Err(format!("keys under {prefix} before the {what}"));
+    }
+    Ok((client, prefix))
+}
+
 /// Number of keys under `prefix`.
 pub async fn count(client: &Client, prefix: &str) -> Result<i64, String> {
     let mut c = client.clone();

@@ -45,12 +45,9 @@ pub async fn run(
     etcd_endpoint: &str,
     opts: &Opts,
 ) -> Result<serde_json::Value, String> {
-    let client = etcd::connect(etcd_endpoint).await?;
-    let prefix = etcd::service_prefix(&opts.key_dir, &opts.service);
+    let (client, prefix) =
+        etcd::empty_service(etcd_endpoint, &opts.key_dir, &opts.service, "restart").await?;
     let n = opts.count;
-    if etcd::count(&client, &prefix).await? != 0 {
-        return Err(format!("keys under {prefix} before the restart"));
-    }
     let mut fleet = Fleet::new(target, &opts.service, 256).reconnecting();
     fleet.spawn(n, false);
     let deadline = tokio::time::Instant::now() + LIMIT;

@@ -34,12 +34,9 @@ pub async fn run(
     etcd_endpoint: &str,
     opts: &Opts,
 ) -> Result<serde_json::Value, String> {
-    let client = etcd::connect(etcd_endpoint).await?;
-    let prefix = etcd::service_prefix(&opts.key_dir, &opts.service);
+    let (client, prefix) =
+        etcd::empty_service(etcd_endpoint, &opts.key_dir, &opts.service, "storm").await?;
     let n = opts.count;
-    if etcd::count(&client, &prefix).await? != 0 {
-        return Err(format!("keys under {prefix} before the storm"));
-    }
     let mut watch = Watch::start(&client, &prefix).await?;
     let mut fleet = Fleet::new(target, &opts.service, 0);
     fleet.spawn(n, true);

@@ -692,19 +692,29 @@ pub fn jwt_etcd(dir: &TempDir) -> Etcd {
     etcd
 }
 
-/// Puts `n` entries of "other instances" under `dir` (on one long lease of
-/// their own, as another skyapi would), in full transactions; returns the
-/// lease.
-pub fn fill_foreign(etcd: &Etcd, dir: &str, n: usize) -> i64 {
+/// A client of "another instance": a runtime to drive it, the client, and
+/// a lease of its own (an hour long, so it outlives any test).
+fn foreign_client(etcd: &Etcd) -> (tokio::runtime::Runtime, etcd_client::Client, i64) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("a runtime for the etcd client");
-    rt.block_on(async {
+    let (c, lease) = rt.block_on(async {
         let mut c = etcd_client::Client::connect([etcd.endpoint()], None)
             .await
             .expect("connect to etcd");
         let lease = c.lease_grant(3600, None).await.expect("lease").id();
+        (c, lease)
+    });
+    (rt, c, lease)
+}
+
+/// Puts `n` entries of "other instances" under `dir` (on one long lease of
+/// their own, as another skyapi would), in full transactions; returns the
+/// lease.
+pub fn fill_foreign(etcd: &Etcd, dir: &str, n: usize) -> i64 {
+    let (rt, mut c, lease) = foreign_client(etcd);
+    rt.block_on(async {
         let value = r#"{"host":"198.51.100.7","port":8080,"priority":1,"weight":100,"ttl":30}"#;
         for chunk in (0..n).collect::<Vec<_>>().chunks(128) {
             let ops: Vec<etcd_client::TxnOp> = chunk
@@ -728,15 +738,8 @@ pub fn fill_foreign(etcd: &Etcd, dir: &str, n: usize) -> i64 {
 /// Another instance's churn: `per_sec` registrations and removals a second
 /// (each a put then a delete of its own key) under `dir`, for `secs`.
 pub fn foreign_churn(etcd: &Etcd, dir: &str, per_sec: u32, secs: u32) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a runtime for the etcd client");
+    let (rt, mut c, lease) = foreign_client(etcd);
     rt.block_on(async {
-        let mut c = etcd_client::Client::connect([etcd.endpoint()], None)
-            .await
-            .expect("connect to etcd");
-        let lease = c.lease_grant(3600, None).await.expect("lease").id();
         let value = r#"{"host":"198.51.100.9","port":8080,"priority":1,"weight":100,"ttl":30}"#;
         let step = Duration::from_secs(1) / per_sec;
         let start = Instant::now();
